@@ -1,0 +1,107 @@
+"""The Profile: what each kernel costs under each placement of its tensors, and what a
+move costs. The optimizer reads only this type (and the Graph).
+
+An IO configuration of a kernel is a bit mask over `KernelCost.storages` (the storages the
+kernel reads or writes, in `Kernel.storages` order): bit j set means storage j is in the
+slow tier while the kernel runs. Mask 0 is everything in fast memory. Units: seconds, bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+FAST, SLOW = 0, 1
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """Measured (or modeled) time of one kernel for each profiled IO configuration."""
+
+    kernel: int
+    storages: tuple[int, ...]
+    times: Mapping[int, float]  # mask -> seconds; always holds mask 0
+    modeled: bool = False
+
+    def time(self, mask: int = 0) -> float:
+        return self.times[mask]
+
+    @property
+    def masks(self) -> tuple[int, ...]:
+        return tuple(sorted(self.times))
+
+    def slow_storages(self, mask: int) -> tuple[int, ...]:
+        return tuple(s for j, s in enumerate(self.storages) if mask >> j & 1)
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Copy bandwidths in bytes/second by transfer size. `read` is slow -> fast (fetch),
+    `write` is fast -> slow (evict). Asynchronous figures are measured while a compute
+    kernel runs; `async_compute_slowdown` is how much that kernel slowed (1.0 = not at all)."""
+
+    sizes: tuple[int, ...]
+    read_sync: tuple[float, ...]
+    write_sync: tuple[float, ...]
+    read_async: tuple[float, ...]
+    write_async: tuple[float, ...]
+    async_compute_slowdown: float = 1.0
+    modeled: bool = False
+
+    def bandwidth(self, nbytes: int, direction: str, asynchronous: bool = False) -> float:
+        table = {
+            ("read", False): self.read_sync, ("write", False): self.write_sync,
+            ("read", True): self.read_async, ("write", True): self.write_async,
+        }[(direction, asynchronous)]
+        i = bisect.bisect_left(self.sizes, nbytes)
+        if i <= 0:
+            return table[0]
+        if i >= len(self.sizes):
+            return table[-1]
+        lo, hi = self.sizes[i - 1], self.sizes[i]
+        w = (nbytes - lo) / (hi - lo)
+        return table[i - 1] * (1 - w) + table[i] * w
+
+    def move_seconds(self, nbytes: int, direction: str, asynchronous: bool = False) -> float:
+        """Time to copy `nbytes` one way."""
+        return nbytes / self.bandwidth(nbytes, direction, asynchronous) if nbytes else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sizes": list(self.sizes), "read_sync": list(self.read_sync),
+            "write_sync": list(self.write_sync), "read_async": list(self.read_async),
+            "write_async": list(self.write_async),
+            "async_compute_slowdown": self.async_compute_slowdown, "modeled": self.modeled,
+        }
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "Bandwidths":
+        return Bandwidths(
+            tuple(d["sizes"]), tuple(d["read_sync"]), tuple(d["write_sync"]),
+            tuple(d["read_async"]), tuple(d["write_async"]),
+            d.get("async_compute_slowdown", 1.0), d.get("modeled", False),
+        )
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Costs of one Graph on one device and slow tier. `kernels[i]` is kernel i's cost
+    (view kernels cost 0 in every configuration)."""
+
+    graph_fingerprint: str
+    device: str  # "cpu" or "cuda"
+    device_fingerprint: str
+    slow_tier: str  # "model", "pmem:PATH", "numa:NODE" or "pinned" (CUDA host memory)
+    kernels: tuple[KernelCost, ...]
+    bandwidths: Bandwidths
+    modeled: bool = False  # some number in here comes from the bandwidth model
+    stats: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def time(self, kernel: int, mask: int = 0) -> float:
+        return self.kernels[kernel].times[mask]
+
+    @property
+    def all_fast_seconds(self) -> float:
+        """Predicted step time with every tensor in fast memory."""
+        return sum(k.times[0] for k in self.kernels)
