@@ -166,3 +166,35 @@ def test_bytes_scale_with_batch() -> None:
     assert big.bytes_by_role()["parameter"] == small.bytes_by_role()["parameter"]
     assert big.io_bytes == 2 * small.io_bytes - 4  # inputs and targets double; the loss does not
     assert grads > 0
+
+
+@pytest.mark.parametrize("name", ["resnet50", "transformer"])
+def test_captured_step_replays_the_eager_step_bitwise(name: str) -> None:
+    """Running the captured aten graph on real tensors is the eager SGD step, bit for bit
+    (BatchNorm statistics and dropout included)."""
+    import copy
+
+    from autotm_py.graph.capture import StepSpec, initial_state
+
+    entry = zoo.get(name)
+    model, inputs, target = zoo.workload(name, 2, device="cpu")
+    reference = copy.deepcopy(model)
+    g = capture(model, inputs, target, lr=entry.lr)
+    params = [p.detach() for _, p in model.named_parameters()]
+    buffers = [b for _, b in model.named_buffers()]
+    flat = params + buffers + initial_state(StepSpec(lr=entry.lr), params) + list(inputs) + [target]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        loss = g.module(*flat)[0]
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(reference.parameters(), lr=entry.lr)
+    out = reference(*inputs)
+    eager_loss = torch.nn.functional.cross_entropy(out.flatten(0, -2), target.flatten()) if out.dim() > 2 \
+        else torch.nn.functional.cross_entropy(out, target)
+    eager_loss.backward()
+    opt.step()
+    assert torch.equal(loss, eager_loss.detach())
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), pname
+    for (bname, b), c in zip(model.named_buffers(), reference.buffers()):
+        assert torch.equal(b, c), bname

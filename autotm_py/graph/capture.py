@@ -217,9 +217,19 @@ def trace_step(model: nn.Module, example_inputs: Sequence[torch.Tensor], target:
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear sentence
         op = _failing_op(exc)
         where = f" at {op}" if op else ""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"the training step could not be traced{where}: {first}") from exc
+        raise CaptureError(f"the training step could not be traced{where}: {_reason(exc, op)}") from exc
     return gm, layout
+
+
+def _reason(exc: BaseException, op: str | None) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if "DataDependent" in type(exc).__name__ or op == "aten._local_scalar_dense.default":
+        return ("the step reads a tensor's value (.item(), or a branch on a tensor), "
+                "which a fake-tensor trace cannot know")
+    if not first or first == op:
+        return type(exc).__name__
+    return first
 
 
 def _model_device(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.device:
@@ -412,7 +422,7 @@ def capture_function(fn: Callable[..., Any], *inputs: torch.Tensor, name: str = 
         gm = make_fx(fn, tracing_mode="fake" if fake else "real")(*inputs)
     except Exception as exc:  # noqa: BLE001
         op = _failing_op(exc)
-        raise CaptureError(f"the function could not be traced{f' at {op}' if op else ''}: {exc}") from exc
+        raise CaptureError(f"the function could not be traced{f' at {op}' if op else ''}: {_reason(exc, op)}") from exc
     g = graph_from_fx(gm, layout, name=name, batch=None, by_storage=fake,
                       device=str(inputs[0].device.type) if inputs else "cpu")
     return Graph(g.name, g.batch, g.device, g.kernels, g.tensors, time.perf_counter() - start, module=gm)
