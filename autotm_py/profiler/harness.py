@@ -1,0 +1,236 @@
+"""Timing harness: replay one captured kernel on real tensors placed per an IO configuration.
+
+Tensors are rebuilt from the kernel's TensorMeta (shape, stride, offset, dtype) on storages
+allocated in the tier the configuration names; floats get random values, integers zeros (valid
+class indices, pooling indices and token ids). The op is resolved from its name
+("aten.convolution.default" -> torch.ops.aten.convolution.default) and called with the decoded
+arguments. Warm-up runs are excluded; the median of repeated runs is kept, repeating until both a
+minimum run count and a minimum measured time are reached. On CUDA, CUDA events time each run
+(cudnn benchmark mode on, so the warm-up picks the algorithm the step will use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from ..graph.args import decode
+from ..graph.types import Kernel, TensorMeta
+from .model import itemsize
+from .tiers import Allocator, dram_alloc
+
+
+class ReplayError(RuntimeError):
+    """A kernel that cannot be replayed in isolation; the message says why."""
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How long to time one configuration. Runs after `warmup` repeat until at least
+    `min_runs` and `min_seconds` of measured time (or `max_runs`)."""
+
+    warmup: int = 1
+    min_runs: int = 3
+    min_seconds: float = 0.03
+    max_runs: int = 200
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: float  # median of the timed runs
+    runs: int
+
+
+def time_call(fn: Callable[[], Any], policy: TimingPolicy, device: str = "cpu") -> Timing:
+    """Median wall time of `fn` (CUDA events on a CUDA device)."""
+    cuda = device == "cuda"
+    for _ in range(policy.warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times: list[float] = []
+    total = 0.0
+    while len(times) < policy.min_runs or (total < policy.min_seconds and len(times) < policy.max_runs):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1000.0
+        else:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        times.append(dt)
+        total += dt
+    return Timing(statistics.median(times), len(times))
+
+
+def resolve_op(name: str) -> torch._ops.OpOverload:
+    """'aten.convolution.default' -> torch.ops.aten.convolution.default."""
+    parts = name.split(".")
+    if len(parts) != 3:
+        raise ReplayError(f"{name} is not an op overload name")
+    try:
+        return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+    except (AttributeError, RuntimeError):
+        raise ReplayError(f"op {name} does not exist in this torch") from None
+
+
+def out_variant(op: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
+    """The out= overload of a functional op (same arguments plus one out tensor per return)."""
+    schema = op._schema
+    want = [(a.name, str(a.type)) for a in schema.arguments]
+    packet = op.overloadpacket
+    for name in packet.overloads():
+        cand = getattr(packet, name)
+        cs = cand._schema
+        outs = [a.name for a in cs.arguments if a.is_out]
+        if not outs or len(outs) != len(schema.returns):
+            continue
+        if [(a.name, str(a.type)) for a in cs.arguments if not a.is_out] == want:
+            return cand, tuple(outs)
+    return None
+
+
+def _extent_bytes(metas: Sequence[TensorMeta]) -> int:
+    """Bytes a storage needs so that every view of it in `metas` fits."""
+    need = 1
+    for m in metas:
+        elems = m.offset + (1 + sum((s - 1) * st for s, st in zip(m.shape, m.stride)) if all(m.shape) else 0)
+        need = max(need, elems * itemsize(m.dtype))
+    return need
+
+
+def storage_extents(kernel: Kernel) -> list[int]:
+    """Bytes needed per storage of `kernel.storages`."""
+    by: dict[int, list[TensorMeta]] = {}
+    for m in kernel.inputs + kernel.outputs:
+        by.setdefault(m.storage, []).append(m)
+    return [_extent_bytes(by[s]) for s in kernel.storages]
+
+
+def _fill(buf: torch.Tensor, dtype: torch.dtype, pattern: torch.Tensor) -> None:
+    """Fill a byte buffer: floats from a random pattern (cheaper than randn on 100s of MB),
+    everything else zeros."""
+    n = buf.numel() // torch.empty((), dtype=dtype).element_size()
+    if not dtype.is_floating_point or n == 0:
+        buf.zero_()
+        return
+    flat = buf[: n * torch.empty((), dtype=dtype).element_size()].view(dtype)
+    p = pattern.to(dtype=dtype, device=buf.device)
+    full = n - n % p.numel()
+    if full:
+        flat[:full].view(-1, p.numel()).copy_(p.expand(full // p.numel(), -1))
+    if n - full:
+        flat[full:].copy_(p[: n - full])
+
+
+def _view(buf: torch.Tensor, m: TensorMeta) -> torch.Tensor:
+    dtype = getattr(torch, m.dtype)
+    t = torch.empty(0, dtype=dtype, device=buf.device)
+    return t.set_(buf.untyped_storage(), m.offset, m.shape, m.stride)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A ready-to-time kernel call and the buffers it keeps alive."""
+
+    fn: Callable[[], Any]
+    buffers: tuple[torch.Tensor, ...]
+
+
+def prepare_call(kernel: Kernel, slow: frozenset[int], fast: Allocator, slow_alloc: Allocator,
+                 device: torch.device, *, use_out: bool = False) -> Call:
+    """Build `kernel`'s call with the storages at positions `slow` (of kernel.storages) allocated
+    by `slow_alloc`, the rest by `fast`. Outputs that no input aliases are written into their
+    tier through the op's out= variant (`use_out`), or else copied there after the call."""
+    op = resolve_op(kernel.op)
+    extents = storage_extents(kernel)
+    pattern = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
+    pos = {s: j for j, s in enumerate(kernel.storages)}
+    in_storages = set(kernel.input_storages)
+    bufs: dict[int, torch.Tensor] = {}
+    first_dtype: dict[int, str] = {}
+    for m in kernel.inputs + kernel.outputs:
+        first_dtype.setdefault(m.storage, m.dtype)
+    for s in kernel.storages:
+        j = pos[s]
+        if s not in in_storages and not (use_out or j in slow):
+            continue  # the op allocates it, as in the step
+        buf = (slow_alloc if j in slow else fast)(extents[j])
+        if s in in_storages:
+            _fill(buf, getattr(torch, first_dtype[s]), pattern)
+        bufs[s] = buf
+    inputs = [_view(bufs[m.storage], m) for m in kernel.inputs]
+    try:
+        args = decode(kernel.args.get("args", []), inputs, device)
+        kwargs = decode(kernel.args.get("kwargs", {}), inputs, device)
+    except (ValueError, IndexError, AttributeError, TypeError) as exc:
+        raise ReplayError(f"arguments cannot be rebuilt: {exc}") from None
+    new_outputs = [(i, m) for i, m in enumerate(kernel.outputs) if m.storage not in in_storages]
+    if use_out and new_outputs:
+        found = out_variant(op)
+        if found is None or len(found[1]) != len(kernel.outputs):
+            raise ReplayError(f"{kernel.op} has no out= variant")
+        out_op, names = found
+        outs = {n: _view(bufs[m.storage], m) for n, m in zip(names, kernel.outputs)}
+
+        def fn() -> Any:
+            return out_op(*args, **kwargs, **outs)
+    else:
+        copies = [(i, _view(bufs[m.storage], m)) for i, m in new_outputs if pos[m.storage] in slow]
+
+        def fn() -> Any:
+            res = op(*args, **kwargs)
+            if copies:
+                flat = [r for r in _flatten(res) if isinstance(r, torch.Tensor)]
+                for i, dst in copies:
+                    dst.copy_(flat[i])
+            return res
+    return Call(fn, tuple(bufs.values()))
+
+
+def _flatten(x: Any) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _flatten(v)]
+    return [x]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            yield
+
+
+def time_kernel(kernel: Kernel, slow: frozenset[int], tier: Any, device: str, policy: TimingPolicy,
+                *, use_out: bool = False) -> Timing:
+    """Time `kernel` with the storages at positions `slow` in `tier` (a slow-tier backend; for
+    an all-fast configuration it is not touched). Raises ReplayError if it cannot be replayed."""
+    dev = torch.device(device)
+    fast = dram_alloc(device)
+    extents = storage_extents(kernel)
+    need = sum(extents[j] + 8192 for j in slow)
+    arena = tier.arena(need) if slow else contextlib.nullcontext(fast)
+    with arena as slow_alloc, _quiet():
+        try:
+            call = prepare_call(kernel, slow, fast, slow_alloc, dev, use_out=use_out)
+            timing = time_call(call.fn, policy, device)
+        except ReplayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failing kernel becomes a recorded reason
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ReplayError(f"{type(exc).__name__}: {first[:300]}") from None
+        finally:
+            call = None  # noqa: F841 - drop the views before the arena is unmapped
+    return timing
