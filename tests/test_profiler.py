@@ -1,0 +1,293 @@
+"""Tests of the kernel profiler: signatures and dedup, IO configurations, the modeled tier,
+replay failures, slow-tier backends and the `autotm profile` command."""
+
+from __future__ import annotations
+
+import ctypes.util
+import dataclasses
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from autotm_py.graph import capture, kernel_signature
+from autotm_py.profiler import (OptaneModel, PRUNE_ABOVE, TierError, TimingPolicy, device_fingerprint,
+                                kernel_masks, open_slow_tier, profile, profile_signature)
+from autotm_py.profiler.harness import out_variant, resolve_op, time_kernel
+from autotm_py.profiler.model import storage_bytes
+
+FAST_POLICY = TimingPolicy(warmup=1, min_runs=2, min_seconds=0.0, max_runs=2)
+SIZES = (1 << 20,)
+
+
+def _run(graph, tmp_path: Path, **kw):
+    kw.setdefault("cache", tmp_path / "c.sqlite")
+    return profile(graph, progress=False, policy=FAST_POLICY, bandwidth_sizes=SIZES, **kw)
+
+
+@pytest.fixture(scope="module")
+def twin_conv_graph():
+    """Two identical convolutions (3x3, padding 1) and a classifier."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    return capture(net, (torch.randn(2, 4, 8, 8),), torch.zeros(2, dtype=torch.long))
+
+
+class Cat7(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return torch.cat([torch.relu(h + i) for i in range(7)], dim=1)
+
+
+# ---- signatures and dedup ------------------------------------------------------------------
+def _convs(graph):
+    return [k for k in graph.kernels if k.op == "aten.convolution.default"]
+
+
+def test_convolutions_differing_only_in_padding_are_two_kernels(twin_conv_graph):
+    conv = _convs(twin_conv_graph)[0]
+    args = conv.args["args"]
+    assert args[4] == [1, 1]  # padding
+    other = dataclasses.replace(conv, args={"args": [*args[:4], [0, 0], *args[5:]], "kwargs": conv.args["kwargs"]})
+    assert kernel_signature(conv) != kernel_signature(other)
+    assert profile_signature(conv) != profile_signature(other)
+    strided = dataclasses.replace(conv, args={"args": [*args[:3], [2, 2], *args[4:]], "kwargs": {}})
+    assert len({profile_signature(k) for k in (conv, other, strided)}) == 3
+
+
+def test_identical_kernels_are_measured_once(twin_conv_graph, tmp_path):
+    g = twin_conv_graph
+    fwd = _convs(g)
+    assert len(fwd) == 2 and profile_signature(fwd[0]) == profile_signature(fwd[1])
+    p = _run(g, tmp_path)
+    unique = len({profile_signature(k) for k in g.compute_kernels})
+    assert unique < len(g.compute_kernels)
+    assert p.stats["unique_kernels"] == unique
+    assert p.stats["configs_measured"] == unique  # model tier: the all-fast call only
+    assert p.time(fwd[0].index) == p.time(fwd[1].index)
+    assert p.stats["failed"] == []
+
+
+def test_aliasing_is_part_of_the_signature(twin_conv_graph):
+    add = next(k for k in twin_conv_graph.kernels if k.op == "aten.add_.Tensor")
+    m0, m1 = add.inputs[0], add.inputs[1]
+    same = dataclasses.replace(add, inputs=(m0, dataclasses.replace(m1, storage=m0.storage)))
+    if m0.shape == m1.shape and m0.stride == m1.stride:
+        assert kernel_signature(same) == kernel_signature(add)
+    assert profile_signature(same) != profile_signature(add)
+
+
+# ---- IO configurations ----------------------------------------------------------------------
+def test_masks_vary_only_non_fixed_storages(twin_conv_graph):
+    g = twin_conv_graph
+    conv = _convs(g)[0]  # input (fixed), weight, bias (fixed), output (free)
+    free = [j for j, s in enumerate(conv.storages) if not g.tensors[s].fixed]
+    assert kernel_masks(g, conv) == tuple(sorted(sum(1 << free[i] for i in range(len(free)) if b >> i & 1)
+                                                 for b in range(1 << len(free))))
+    for k in g.kernels:
+        masks = kernel_masks(g, k)
+        assert masks[0] == 0
+        k_free = [j for j, s in enumerate(k.storages) if not g.tensors[s].fixed]
+        assert len(masks) == 2 ** len(k_free)
+        for m in masks:
+            assert all(not (m >> j & 1) or j in k_free for j in range(len(k.storages)))
+
+
+def test_pruning_above_six_free_tensors():
+    g = capture(Cat7(), (torch.randn(3, 4),), torch.zeros(3, dtype=torch.long))
+    cat = next(k for k in g.kernels if k.op == "aten.cat.default")
+    free = [j for j, s in enumerate(cat.storages) if not g.tensors[s].fixed]
+    assert len(free) == 8 > PRUNE_ABOVE  # seven inputs and the output
+    masks = kernel_masks(g, cat)
+    every = sum(1 << j for j in free)
+    assert set(masks) == {0, every, *(1 << j for j in free)}
+    assert len(masks) == len(free) + 2
+
+
+# ---- the modeled tier -----------------------------------------------------------------------
+def test_modeled_tier_never_makes_a_kernel_faster(twin_conv_graph, tmp_path):
+    g = twin_conv_graph
+    p = _run(g, tmp_path)
+    assert p.modeled and p.slow_tier == "model" and p.bandwidths.modeled
+    checked = 0
+    for cost in p.kernels:
+        k = g.kernels[cost.kernel]
+        assert cost.storages == k.storages
+        for a, b in itertools.product(cost.masks, repeat=2):
+            if a & b == a:  # b puts a superset of a's storages in the slow tier
+                assert cost.time(b) >= cost.time(a)
+                checked += 1
+        if not k.view:
+            assert cost.time(0) > 0
+            reads, writes = storage_bytes(k)
+            for m in cost.masks:
+                if m and any((reads[j] or writes[j]) for j in range(len(k.storages)) if m >> j & 1):
+                    assert cost.time(m) > cost.time(0)
+                    assert cost.modeled
+    assert checked > 50
+
+
+def test_optane_model_monotone_in_bytes():
+    m = OptaneModel()
+    assert m.read_bw == pytest.approx(39.6e9) and m.write_bw == pytest.approx(13.8e9)
+    prev = 0.0
+    for r, w in [(0, 0), (1 << 20, 0), (1 << 20, 1 << 10), (1 << 24, 1 << 20), (1 << 30, 1 << 30)]:
+        e = m.extra_seconds(r, w)
+        assert e >= prev
+        prev = e
+    # a 1 GiB write to PMM costs about 1 GiB / 13.8 GB/s minus the DRAM time
+    assert m.extra_seconds(0, 1 << 30) == pytest.approx((1 << 30) * (1 / 13.8e9 - 1 / 105e9))
+
+
+def test_modeled_bandwidths_capped_by_pmm(twin_conv_graph, tmp_path):
+    p = _run(twin_conv_graph, tmp_path)
+    bw = p.bandwidths
+    assert bw.sizes == SIZES
+    assert all(0 < x <= 39.6e9 for x in bw.read_sync + bw.read_async)
+    assert all(0 < x <= 13.8e9 for x in bw.write_sync + bw.write_async)
+    assert bw.async_compute_slowdown >= 1.0
+
+
+# ---- replay ---------------------------------------------------------------------------------
+def test_out_variant_found_for_common_ops():
+    for name, outs in (("aten.convolution.default", ("out",)), ("aten.mm.default", ("out",)),
+                       ("aten.convolution_backward.default", ("out0", "out1", "out2"))):
+        found = out_variant(resolve_op(name))
+        assert found is not None and found[1] == outs
+
+
+def test_kernel_that_cannot_be_replayed_is_recorded_not_fatal(twin_conv_graph, tmp_path):
+    g = twin_conv_graph
+    i = next(k.index for k in g.kernels if k.op == "aten.mm.default")
+    bad = dataclasses.replace(g.kernels[i], op="aten.no_such_op.default")
+    g2 = dataclasses.replace(g, kernels=g.kernels[:i] + (bad,) + g.kernels[i + 1:])
+    p = _run(g2, tmp_path)
+    assert [f["op"] for f in p.stats["failed"]] == ["aten.no_such_op.default"]
+    assert "does not exist" in p.stats["failed"][0]["reason"]
+    assert p.time(i) > 0 and p.kernels[i].modeled
+    again = _run(g2, tmp_path)
+    assert again.stats["configs_measured"] == 0  # the failure is cached, not retried
+    assert again.time(i) == p.time(i)
+
+
+def test_integer_inputs_are_valid_indices(twin_conv_graph):
+    nll = next(k for k in twin_conv_graph.kernels if k.op == "aten.nll_loss_forward.default")
+    t = time_kernel(nll, frozenset(), open_slow_tier("model"), "cpu", FAST_POLICY)
+    assert t.seconds > 0 and t.runs == 2
+
+
+def test_device_fingerprint_names_cpu_threads_torch():
+    fp = device_fingerprint("cpu")
+    assert fp.startswith("cpu|") and f"threads={torch.get_num_threads()}" in fp
+    assert f"torch={torch.__version__}" in fp
+
+
+# ---- slow-tier backends ---------------------------------------------------------------------
+def test_numa_node_that_does_not_exist():
+    if ctypes.util.find_library("numa") is None:
+        pytest.skip("libnuma not installed")
+    with pytest.raises(TierError, match="NUMA node 97 does not exist"):
+        open_slow_tier("numa:97")
+    with pytest.raises(TierError, match="not a NUMA node number"):
+        open_slow_tier("numa:x")
+
+
+def test_pmem_path_that_cannot_be_mapped(tmp_path):
+    if ctypes.util.find_library("pmem") is None:
+        with pytest.raises(TierError, match="libpmem"):
+            open_slow_tier(f"pmem:{tmp_path}")
+        return
+    with pytest.raises(TierError, match="does not exist"):
+        open_slow_tier(f"pmem:{tmp_path}/missing/dir/pool")
+    existing = tmp_path / "precious.bin"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(TierError, match="will not overwrite"):
+        open_slow_tier(f"pmem:{existing}")
+    assert existing.read_bytes() == b"keep me"
+    with pytest.raises(TierError, match="unknown slow tier"):
+        open_slow_tier("tape:0")
+
+
+def test_pmem_on_an_ordinary_file_times_every_configuration(tmp_path):
+    if ctypes.util.find_library("pmem") is None:
+        pytest.skip("libpmem (Debian libpmem1) not installed")
+    g = capture(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), (torch.randn(4, 8),),
+                torch.zeros(4, dtype=torch.long))
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    p = _run(g, tmp_path, slow_tier=f"pmem:{pool}")
+    assert p.slow_tier == f"pmem:{pool}" and not p.modeled
+    assert "not persistent memory" in p.stats["tier_note"]
+    assert p.stats["failed"] == []
+    n_masks = sum(len(c.times) for c in p.kernels if not g.kernels[c.kernel].view)
+    assert p.stats["configs_measured"] >= n_masks - 1 - p.stats["compute_kernels"] + p.stats["unique_kernels"]
+    for c in p.kernels:
+        assert set(c.times) == set(kernel_masks(g, g.kernels[c.kernel]))
+        assert all(t >= 0 for t in c.times.values())
+    assert list(pool.iterdir()) == []  # the pool file is gone
+
+
+def test_numa_node_zero_allocates_bound_memory(tmp_path):
+    if ctypes.util.find_library("numa") is None or not Path("/sys/devices/system/node/node0").exists():
+        pytest.skip("no libnuma or no NUMA node 0")
+    tier = open_slow_tier("numa:0")
+    with tier.arena(3 << 20) as alloc:
+        a = alloc(1 << 20)
+        b = alloc(1 << 20)
+        a.fill_(7)
+        b.copy_(a)
+        assert int(b.sum()) == 7 << 20
+        assert a.data_ptr() % 4096 == 0 and b.data_ptr() - a.data_ptr() >= 1 << 20
+        del a, b
+
+
+# ---- the command ----------------------------------------------------------------------------
+def _cli(args, env=None):
+    from autotm_py.cli import main_group
+
+    return CliRunner().invoke(main_group, args, env=env)
+
+
+def test_cli_profile_twice_second_run_measures_nothing(tmp_path):
+    env = {"AUTOTM_CACHE": str(tmp_path) + "/"}
+    r = _cli(["profile", "tests.workloads:tiny_mlp", "--json"], env)
+    assert r.exit_code == 0, r.output
+    import json
+
+    first = json.loads(r.output)
+    assert first["unique_kernels"] > 5 and first["measured_kernels"] == first["unique_kernels"]
+    r2 = _cli(["profile", "tests.workloads:tiny_mlp", "--json"], env)
+    second = json.loads(r2.output)
+    assert second["measured_kernels"] == 0 and second["configs_measured"] == 0
+    assert second["cached_kernels"] == first["unique_kernels"]
+    assert second["predicted_step_seconds"] == pytest.approx(first["predicted_step_seconds"])
+    assert (tmp_path / "cpu.sqlite").exists()
+
+
+def test_cli_bad_input_is_one_sentence(tmp_path):
+    if not torch.cuda.is_available():
+        r = _cli(["profile", "tests.workloads:tiny_mlp", "--device", "cuda"])
+        assert r.exit_code == 2 and "no usable CUDA device" in r.output
+    r = _cli(["profile", "tests.workloads:tiny_mlp", "--slow-tier", "numa:97", "--cache", str(tmp_path / "x.sqlite")])
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+    foreign = tmp_path / "notes.db"
+    import sqlite3
+
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE notes (t TEXT)")
+    con.execute("INSERT INTO notes VALUES ('mine')")
+    con.commit()
+    con.close()
+    before = foreign.read_bytes()
+    r = _cli(["profile", "tests.workloads:tiny_mlp", "--cache", str(foreign)])
+    assert r.exit_code == 2 and "not an autotm-py kernel cache" in r.output
+    assert foreign.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
