@@ -204,6 +204,7 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
     bw_tier = "dram" if tier.key == "model" else tier.key
     bw = kc.bandwidths(fp, bw_tier)
     bandwidths_measured = bw is None
+    bw_start = time.perf_counter()
     if bw is None:
         if progress:
             from rich.console import Console
@@ -212,6 +213,7 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
                                        f"{bandwidth_sizes[-1] >> 20} MiB) ...")
         bw = bwmod.measure_cuda(bandwidth_sizes) if device == "cuda" else bwmod.measure_cpu(tier, bandwidth_sizes)
         kc.put_bandwidths(fp, bw_tier, bw)
+    bandwidth_seconds = time.perf_counter() - bw_start
     model = OptaneModel()
     if tier.modeled:
         bw = model.bandwidths(bw)
@@ -220,7 +222,8 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
     groups: dict[str, list[Kernel]] = {}
     for k in graph.compute_kernels:
         groups.setdefault(signature_key(k), []).append(k)
-    masks_of = {k.index: kernel_masks(graph, k) for k in graph.kernels}
+    # CUDA: one configuration, every input and output in device memory (as AutoTM's GPU path)
+    masks_of = {k.index: kernel_masks(graph, k) if device == "cpu" else (0,) for k in graph.kernels}
     rows = kc.kernel_rows(fp)
     todo: list[tuple[str, Kernel, list[Job]]] = []
     jobs_of: dict[str, list[Job]] = {}
@@ -279,8 +282,8 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
             if m == 0:
                 continue
             if not real_tier:
-                times[m] = model.kernel_seconds(t0, k, m) if device == "cpu" else t0
-                modeled = modeled or device == "cpu"
+                times[m] = model.kernel_seconds(t0, k, m)
+                modeled = True
                 continue
             times[m], est = _real_time(rows, sig, tier.key, m, t0, k, bw)
             modeled = modeled or est
@@ -299,6 +302,7 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
         "pruned_kernels": pruned,
         "failed": list(failed.values()),
         "bandwidths_measured": bandwidths_measured,
+        "bandwidth_seconds": bandwidth_seconds,
         "seconds": time.perf_counter() - start,
         "cache": str(kc.path),
         "tier_note": tier.note,
