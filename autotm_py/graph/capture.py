@@ -296,6 +296,7 @@ def graph_from_fx(gm: torch.fx.GraphModule, layout: StepLayout, *, name: str, ba
                           int(t.storage_offset()), str(t.dtype).removeprefix("torch."))
 
     node_metas: dict[torch.fx.Node, list[TensorMeta | None]] = {}
+    kernel_of_node: dict[str, int] = {}
     roles = layout.roles
     kernels: list[Kernel] = []
     placeholder_i = 0
@@ -344,6 +345,7 @@ def graph_from_fx(gm: torch.fx.GraphModule, layout: StepLayout, *, name: str, ba
             view = not inplace and bool(out_storages) and out_storages <= in_storages
             kernels.append(Kernel(index, node.name, str(node.target), inputs, tuple(out_metas),
                                   args, view, inplace))
+            kernel_of_node[node.name] = index
         elif node.op == "output":
             for v in _flat(node.args[0]):
                 if isinstance(v, torch.fx.Node):
@@ -353,6 +355,12 @@ def graph_from_fx(gm: torch.fx.GraphModule, layout: StepLayout, *, name: str, ba
         else:
             raise CaptureError(f"unexpected FX node {node.op} {node.target}")
 
+    # Annotate the FX nodes (a pass in torch.fx style) so rewrites can find storages by node.
+    for node, metas in node_metas.items():
+        node.meta["autotm_storages"] = [m.storage if m is not None else None for m in metas]
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is not operator.getitem:
+            node.meta["autotm_kernel"] = kernel_of_node[node.name]
     n = len(kernels)
     for k in kernels:
         if k.view:

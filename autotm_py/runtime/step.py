@@ -1,0 +1,200 @@
+"""`compile(plan, model)`: a callable training step that runs the plan.
+
+The step is captured from the model on the first call (fake tensors: nothing allocated),
+checked against the plan's graph fingerprint, rewritten with the plan's moves and then run
+on the model's own parameters, buffers and optimizer state, which it updates in place.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..graph.capture import StepSpec, capture, initial_state, optimizer_state_names
+from ..graph.types import Graph
+from ..optimizer.plan import Plan
+from .movers import CpuMover, CudaMover, Mover, SlowArena
+from .rewrite import RewriteStats, insert_moves
+
+
+class RunError(RuntimeError):
+    """The planned step cannot run; the message is one sentence for the user."""
+
+
+def spec_from_optimizer(optimizer: torch.optim.Optimizer | None, lr: float | None,
+                        loss: Any) -> StepSpec:
+    if optimizer is None:
+        return StepSpec(loss=loss, optimizer="sgd", lr=0.01 if lr is None else lr)
+    if len(optimizer.param_groups) != 1:
+        raise RunError("autotm steps support one parameter group per optimizer")
+    g = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD):
+        if g.get("nesterov") or g.get("dampening") or g.get("weight_decay"):
+            raise RunError("autotm steps support plain SGD with momentum (no nesterov, dampening or weight decay)")
+        return StepSpec(loss=loss, optimizer="sgd", lr=g["lr"], momentum=g.get("momentum", 0.0))
+    if isinstance(optimizer, torch.optim.Adam):
+        if g.get("weight_decay") or g.get("amsgrad"):
+            raise RunError("autotm steps support Adam without weight decay or amsgrad")
+        return StepSpec(loss=loss, optimizer="adam", lr=g["lr"], betas=tuple(g["betas"]), eps=g["eps"])
+    raise RunError(f"optimizer {type(optimizer).__name__} is not supported; use torch.optim.SGD or Adam")
+
+
+def _slow_bytes(graph: Graph, plan: Plan) -> int:
+    """Upper bound of slow-tier bytes one step writes: each storage copied to slow at most
+    once per planned write or birth, plus unplanned copies (bounded by the storage size)."""
+    total = 0
+    for tp in plan.tensors:
+        if tp.initial == "slow" or any(a == "slow" or d == "slow" for _, d, a in tp.segments):
+            total += 2 * graph.tensors[tp.storage].nbytes + 64
+    return total + (1 << 20)
+
+
+@dataclass
+class PlannedStep:
+    """One training step that runs a plan; call it with (inputs, target)."""
+
+    plan: Plan
+    model: nn.Module
+    spec: StepSpec
+    optimizer: torch.optim.Optimizer | None = None
+    slow_tier: str | None = None
+    graph: Graph | None = None
+    rewrite: RewriteStats | None = None
+    _module: Any = field(default=None, repr=False)
+    _mover: Mover | None = field(default=None, repr=False)
+    _state: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def prepare(self, inputs: Sequence[torch.Tensor], target: torch.Tensor | None) -> None:
+        """Capture, check the fingerprint, rewrite, allocate the slow tier."""
+        dev = self.device
+        if self.plan.device == "cuda" and dev.type != "cuda":
+            raise RunError("the plan is for CUDA but the model is not on a CUDA device")
+        if self.plan.device == "cpu" and dev.type != "cpu":
+            raise RunError(f"the plan is for the CPU but the model is on {dev}")
+        graph = capture(self.model, tuple(inputs), target, loss=self.spec.loss, optimizer=self.spec.optimizer,
+                        lr=self.spec.lr, momentum=self.spec.momentum, fake=True, device=dev,
+                        name=self.plan.graph_name, batch=int(inputs[0].shape[0]) if inputs else None)
+        if graph.fingerprint != self.plan.graph_fingerprint:
+            raise RunError(
+                f"the plan was made for another graph (fingerprint {self.plan.graph_fingerprint}), "
+                f"not for this model, batch, loss and optimizer (fingerprint {graph.fingerprint}); "
+                "optimize this workload again")
+        if dev.type == "cuda":
+            mover: Mover = CudaMover(dev)
+        else:
+            from ..profiler.tiers import open_slow_tier
+
+            tier = open_slow_tier(self.slow_tier or "model")
+            mover = CpuMover(SlowArena(tier, _slow_bytes(graph, self.plan)))
+        module, stats = insert_moves(graph.module, graph, self.plan, mover)
+        self.graph, self._module, self._mover, self.rewrite = graph, module, mover, stats
+        self._state = self._optimizer_state()
+
+    def _optimizer_state(self) -> list[torch.Tensor]:
+        """The optimizer's state tensors in the captured order, created (zeros) if missing
+        and shared with `self.optimizer` so both see the same values."""
+        params = self._params()
+        names = optimizer_state_names(self.spec.optimizer, self.spec.momentum)
+        fresh = initial_state(self.spec, params)
+        if self.optimizer is None:
+            return fresh
+        out: list[torch.Tensor] = []
+        i = 0
+        for p in params:
+            st = self.optimizer.state[p]
+            for name in names:
+                if name not in st or st[name] is None:
+                    st[name] = fresh[i]
+                out.append(st[name])
+                i += 1
+        if self.spec.optimizer == "adam":
+            first = self.optimizer.state[params[0]] if params else {}
+            step = first.get("step")
+            if not isinstance(step, torch.Tensor):
+                step = torch.tensor(float(step or 0.0), dtype=torch.float32, device=fresh[-1].device)
+            step = step.to(device=fresh[-1].device, dtype=torch.float32)
+            for p in params:
+                self.optimizer.state[p]["step"] = step
+            out.append(step)
+        return out
+
+    def __call__(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one training step with the plan; returns the loss (a 0-d tensor)."""
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        if self._module is None:
+            self.prepare(inputs, target)
+        assert self._mover is not None
+        params = [p.detach() for p in self._params()]
+        buffers = [b for _, b in self.model.named_buffers()]
+        flat = params + buffers + self._state + list(inputs) + ([target] if target is not None else [])
+        self._mover.begin_step()
+        with torch.no_grad():
+            (loss,) = self._module(*flat)
+        return loss
+
+    @property
+    def move_stats(self):
+        return self._mover.stats if self._mover is not None else None
+
+    def close(self) -> None:
+        if isinstance(self._mover, CpuMover):
+            self._mover.arena.close()
+
+
+def compile(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+            lr: float | None = None, loss: str | Callable[..., torch.Tensor] = "cross_entropy",
+            slow_tier: str | None = None) -> PlannedStep:
+    """A training step for `model` that runs `plan`. `optimizer` (torch.optim.SGD or Adam)
+    gives the update rule and keeps its state; without one, SGD with `lr`."""
+    return PlannedStep(plan, model, spec_from_optimizer(optimizer, lr, loss), optimizer, slow_tier)
+
+
+def unplanned_step(model: nn.Module, spec: StepSpec, inputs: Sequence[torch.Tensor],
+                   target: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """The captured step without a plan (everything in fast memory), for comparisons."""
+    graph = capture(model, tuple(inputs), target, loss=spec.loss, optimizer=spec.optimizer, lr=spec.lr,
+                    momentum=spec.momentum, fake=True, device=next(model.parameters()).device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = initial_state(spec, params)
+    gm = graph.module
+
+    def run() -> torch.Tensor:
+        flat = [p.detach() for p in params] + [b for _, b in model.named_buffers()] + state
+        flat += list(inputs) + ([target] if target is not None else [])
+        with torch.no_grad():
+            return gm(*flat)[0]
+
+    return run
+
+
+def time_steps(fn: Callable[[], Any], steps: int, device: torch.device, warmup: int = 1) -> list[float]:
+    """Wall time of each of `steps` calls after `warmup` calls (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
