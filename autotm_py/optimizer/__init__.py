@@ -1,0 +1,54 @@
+"""Stage 3: Graph + Profile -> Plan. The AutoTM ILP in three formulations (static,
+synchronous, asynchronous) solved with HiGHS (or CBC), and two baselines (first-touch NUMA,
+2LM memory mode), all returning the same Plan."""
+
+from __future__ import annotations
+
+from ..graph.types import Graph
+from ..profiler.types import Profile
+from .limits import limit_from_ratio, minimum_fast_bytes, parse_ratio
+from .plan import Move, Plan, SolverStats, TensorPlan
+from .solver import Infeasible, SolverFailed
+from .verify import VerificationError, verify
+
+ILP_FORMULATIONS = ("static", "synchronous", "asynchronous")
+FORMULATIONS = ILP_FORMULATIONS + ("numa", "2lm")
+
+
+def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous",
+             limit_bytes: int | None = None, ratio: str | None = None, time_limit: float = 300.0,
+             mip_gap: float = 0.01, solver: str = "highs", async_window: int = 15,
+             move_state: bool = False) -> Plan:
+    """Place and move every tensor of `graph` under a fast-memory limit (bytes, or a
+    fast:slow `ratio` of the unplanned peak such as "1:4")."""
+    if profile.graph_fingerprint != graph.fingerprint:
+        raise ValueError("the profile was made for another graph; profile this workload again")
+    if (limit_bytes is None) == (ratio is None):
+        raise ValueError("give exactly one fast-memory limit: limit_bytes or ratio")
+    if ratio is not None:
+        limit_bytes = limit_from_ratio(graph, ratio)
+    assert limit_bytes is not None
+    if limit_bytes < 0:
+        raise ValueError(f"the fast-memory limit must be non-negative, got {limit_bytes}")
+    if formulation in ILP_FORMULATIONS:
+        from .formulation import solve_formulation
+
+        return solve_formulation(graph, profile, formulation, limit_bytes, ratio=ratio,
+                                 time_limit=time_limit, mip_gap=mip_gap, solver=solver,
+                                 async_window=async_window, move_state=move_state)
+    if formulation == "numa":
+        from .numa import optimize_numa
+
+        return optimize_numa(graph, profile, limit_bytes, ratio=ratio)
+    if formulation == "2lm":
+        from .twolm import optimize_2lm
+
+        return optimize_2lm(graph, profile, limit_bytes, ratio=ratio)
+    raise ValueError(f"unknown formulation {formulation!r}; choose one of {', '.join(FORMULATIONS)}")
+
+
+__all__ = [
+    "FORMULATIONS", "ILP_FORMULATIONS", "Infeasible", "Move", "Plan", "SolverFailed",
+    "SolverStats", "TensorPlan", "VerificationError", "limit_from_ratio", "minimum_fast_bytes",
+    "optimize", "parse_ratio", "verify",
+]

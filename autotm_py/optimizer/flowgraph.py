@@ -1,0 +1,264 @@
+"""Tensor flow graphs ("gadgets", reference section 3), generated directly as numpy arrays.
+
+For every free tensor one unit of flow runs from SOURCE to SINK; the path says where the
+tensor lives over its lifetime. Gadgets are the kernels where a location decision is
+modelled:
+
+* static: the producer only (state tensors: their first user);
+* synchronous: the producer and every reader (users);
+* asynchronous: the users plus every non-view kernel of the live range that has a user
+  within ``window`` positions (positions count non-view kernels only).
+
+Vertices per gadget q: PRE(q) "fast, no valid slow copy", DRAM(q) "fast and a valid slow
+copy exists", PMEM(q) "slow". Edges follow the reference table (3.3), with two changes:
+
+* a gadget whose kernel writes the tensor in place (not its producer) makes the slow copy
+  stale, so DRAM(q) leaves like PRE(q): DRAM(q) -> PRE(q+1) and DRAM(q) -> PMEM(q+1) is a
+  paid write. Without in-place writers a path writes at most once, as in the original;
+* state tensors (no producer, only when ``move_state``) may start in either tier and be
+  fetched at their first gadget; the ILP ties their final tier to their initial one.
+
+Edges are generated from the gadget arrays with vectorised numpy, never by testing pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph.types import Graph
+
+FORMULATIONS = ("static", "synchronous", "asynchronous")
+
+# vertex kinds (vertex id = 3*q + kind for gadget vertices)
+PRE, DRAM, PMEM = 0, 1, 2
+# edge kinds
+NONE, READ, WRITE = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class FlowGraphs:
+    """All free tensors' flow graphs, flattened. Gadget q belongs to tensor ``g_tensor[q]``;
+    gadgets of one tensor are contiguous and ordered by kernel. Vertex ids: gadget vertices
+    3*q + kind, then SOURCE(p) = 3*Q + 2*p and SINK(p) = 3*Q + 2*p + 1."""
+
+    formulation: str
+    window: int
+    storages: np.ndarray  # (P,) storage id of each free tensor
+    nbytes: np.ndarray  # (P,) int64
+    has_producer: np.ndarray  # (P,) bool
+    g_ptr: np.ndarray  # (P+1,) gadget offsets
+    g_tensor: np.ndarray  # (Q,)
+    g_kernel: np.ndarray  # (Q,) kernel index
+    g_async: np.ndarray  # (Q,) bool: ASYNC gadget (not a user)
+    g_writes: np.ndarray  # (Q,) bool: the kernel writes the tensor in place
+    e_src: np.ndarray  # (E,) vertex ids
+    e_dst: np.ndarray
+    e_tensor: np.ndarray  # (E,) tensor position p
+    e_kind: np.ndarray  # NONE / READ / WRITE
+    e_async: np.ndarray  # bool
+    e_gadget: np.ndarray  # gadget the move overlaps or follows (-1 for no move)
+
+    @property
+    def num_gadgets(self) -> int:
+        return len(self.g_kernel)
+
+    @property
+    def num_edges(self) -> int:
+        return len(self.e_src)
+
+    def source(self, p: np.ndarray | int) -> np.ndarray | int:
+        return 3 * self.num_gadgets + 2 * p
+
+    def sink(self, p: np.ndarray | int) -> np.ndarray | int:
+        return 3 * self.num_gadgets + 2 * p + 1
+
+    @property
+    def num_vertices(self) -> int:
+        return 3 * self.num_gadgets + 2 * len(self.storages)
+
+    def vertex_gadget(self, v: np.ndarray) -> np.ndarray:
+        """Gadget of each vertex, -1 for SOURCE, -2 for SINK."""
+        v = np.asarray(v)
+        q = v // 3
+        out = np.where(v < 3 * self.num_gadgets, q, -1)
+        is_sink = (v >= 3 * self.num_gadgets) & ((v - 3 * self.num_gadgets) % 2 == 1)
+        return np.where(is_sink, -2, out)
+
+    def vertex_kind(self, v: np.ndarray) -> np.ndarray:
+        """PRE/DRAM/PMEM for gadget vertices, -1 for SOURCE and SINK."""
+        v = np.asarray(v)
+        return np.where(v < 3 * self.num_gadgets, v % 3, -1)
+
+
+def free_storages(graph: Graph, move_state: bool) -> np.ndarray:
+    """Storages the ILP decides: non-empty intermediates and outputs (and state if allowed)."""
+    return np.array(
+        [t.id for t in graph.tensors if t.nbytes > 0 and (move_state or not t.fixed)], dtype=np.int64
+    )
+
+
+def nonview_positions(graph: Graph) -> np.ndarray:
+    """Position of each kernel among non-view kernels (views get their successor's)."""
+    is_view = np.array([k.view for k in graph.kernels], dtype=bool)
+    return np.cumsum(~is_view) - (~is_view).astype(np.int64)
+
+
+def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
+                      move_state: bool = False) -> FlowGraphs:
+    """Gadgets, vertices and edges of every free tensor for one formulation."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; choose one of {', '.join(FORMULATIONS)}")
+    if window < 0:
+        raise ValueError(f"the asynchronous window must be >= 0, got {window}")
+    storages = free_storages(graph, move_state)
+    is_view = np.array([k.view for k in graph.kernels], dtype=bool)
+    nonview_idx = np.flatnonzero(~is_view)
+    pos = nonview_positions(graph)
+    writes_of = [set(k.output_storages) for k in graph.kernels]
+
+    g_kernel: list[np.ndarray] = []
+    g_async: list[np.ndarray] = []
+    counts = np.zeros(len(storages), dtype=np.int64)
+    for p, sid in enumerate(storages):
+        t = graph.tensors[sid]
+        users = ([t.producer] if t.producer is not None else []) + list(t.users)
+        if not users:  # state nothing touches: one decision at its first kernel
+            users = [t.first]
+        if formulation == "static":
+            ks, asy = np.array(users[:1]), np.zeros(1, dtype=bool)
+        elif formulation == "synchronous":
+            ks, asy = np.array(users), np.zeros(len(users), dtype=bool)
+        else:
+            u = np.array(users)
+            lo, hi = np.searchsorted(nonview_idx, [t.first, t.last + 1])
+            cand = nonview_idx[lo:hi]
+            upos = pos[u]
+            cpos = pos[cand]
+            j = np.searchsorted(upos, cpos)
+            dist = np.full(len(cand), np.iinfo(np.int64).max)
+            right = j < len(upos)
+            dist[right] = upos[j[right]] - cpos[right]
+            left = j > 0
+            dist[left] = np.minimum(dist[left], cpos[left] - upos[j[left] - 1])
+            keep = (dist <= window) & ~np.isin(cand, u)
+            extra = cand[keep]
+            ks = np.concatenate([u, extra])
+            asy = np.concatenate([np.zeros(len(u), dtype=bool), np.ones(len(extra), dtype=bool)])
+            order = np.argsort(ks, kind="stable")
+            ks, asy = ks[order], asy[order]
+        g_kernel.append(ks.astype(np.int64))
+        g_async.append(asy)
+        counts[p] = len(ks)
+
+    P = len(storages)
+    g_ptr = np.zeros(P + 1, dtype=np.int64)
+    np.cumsum(counts, out=g_ptr[1:])
+    gk = np.concatenate(g_kernel) if P else np.zeros(0, dtype=np.int64)
+    ga = np.concatenate(g_async) if P else np.zeros(0, dtype=bool)
+    gt = np.repeat(np.arange(P), counts)
+    has_prod = np.array([graph.tensors[s].producer is not None for s in storages], dtype=bool)
+    nbytes = np.array([graph.tensors[s].nbytes for s in storages], dtype=np.int64)
+    gw = np.array(
+        [int(storages[p]) in writes_of[k] and graph.tensors[storages[p]].producer != k
+         for p, k in zip(gt, gk)], dtype=bool)
+    Q = len(gk)
+    q = np.arange(Q)
+    local = q - g_ptr[gt]  # 0-based position of the gadget within its tensor
+    last = local == counts[gt] - 1
+    first = local == 0
+    # DRAM(q) exists where a fetch can reach it: not the producer gadget, never in static
+    has_dram = (formulation != "static") & (~first | ~has_prod[gt])
+
+    src, dst, kind, asy, gad, ten = [], [], [], [], [], []
+
+    def add(s, d, k, a, g, t=None):
+        src.append(np.asarray(s, dtype=np.int64))
+        ten.append(np.asarray(gt[np.asarray(g)] if t is None else t, dtype=np.int64))
+        dst.append(np.asarray(d, dtype=np.int64))
+        n = len(src[-1])
+        kind.append(np.full(n, k, dtype=np.int8))
+        asy.append(np.broadcast_to(np.asarray(a, dtype=bool), (n,)).copy())
+        gad.append(np.broadcast_to(np.asarray(g, dtype=np.int64), (n,)).copy())
+
+    p_all = np.arange(P)
+    SRC = 3 * Q + 2 * p_all
+    SNK = SRC + 1
+    q0 = g_ptr[:-1]
+    add(SRC, 3 * q0 + PRE, NONE, False, -1, p_all)
+    add(SRC, 3 * q0 + PMEM, NONE, False, -1, p_all)
+    mid = q[~last]
+    nxt = mid + 1
+    add(3 * mid + PRE, 3 * nxt + PRE, NONE, False, -1, gt[mid])
+    add(3 * mid + PRE, 3 * nxt + PMEM, WRITE, ga[mid], mid)
+    dm = mid[has_dram[mid]]
+    clean, dirty = dm[~gw[dm]], dm[gw[dm]]
+    add(3 * clean + DRAM, 3 * (clean + 1) + DRAM, NONE, False, -1, gt[clean])
+    # drop the fast copy at no cost: the slow copy is valid
+    add(3 * clean + DRAM, 3 * (clean + 1) + PMEM, NONE, False, -1, gt[clean])
+    add(3 * dirty + DRAM, 3 * (dirty + 1) + PRE, NONE, False, -1, gt[dirty])
+    add(3 * dirty + DRAM, 3 * (dirty + 1) + PMEM, WRITE, ga[dirty], dirty)
+    add(3 * mid + PMEM, 3 * nxt + PMEM, NONE, False, -1, gt[mid])
+    lq = q[last]
+    add(3 * lq + PRE, SNK[gt[lq]], NONE, False, -1, gt[lq])
+    ld = lq[has_dram[lq]]
+    add(3 * ld + DRAM, SNK[gt[ld]], NONE, False, -1, gt[ld])
+    add(3 * lq + PMEM, SNK[gt[lq]], NONE, False, -1, gt[lq])
+    rq = q[has_dram]
+    add(3 * rq + PMEM, 3 * rq + DRAM, READ, ga[rq], rq)
+
+    e_src = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)
+    e_dst = np.concatenate(dst)
+    e_kind = np.concatenate(kind)
+    e_async = np.concatenate(asy)
+    e_gad = np.concatenate(gad)
+    e_tensor = np.concatenate(ten)
+    order = np.lexsort((e_src, e_tensor))  # group edges by tensor, deterministic
+    return FlowGraphs(
+        formulation, window, storages, nbytes, has_prod, g_ptr, gt, gk, ga, gw,
+        e_src[order], e_dst[order], e_tensor[order].astype(np.int64), e_kind[order],
+        e_async[order], e_gad[order],
+    )
+
+
+def gadget_expressions(fg: FlowGraphs) -> tuple[np.ndarray, np.ndarray]:
+    """Edges whose flow says "in fast memory" for each expression, as CSR (ptr, edges).
+
+    Expression ids: q -> in_fast(q), during gadget q (in-edges of PRE(q)/DRAM(q));
+    Q + q -> in_fast_post(q), between gadget q and the next one (edges from PRE(q)/DRAM(q)
+    to a fast vertex of q+1 or SINK); 2Q + p -> tensor p starts in fast memory (SOURCE ->
+    PRE). Each is a sum of mutually exclusive edges of one path, so no OR variables."""
+    Q, P = fg.num_gadgets, len(fg.storages)
+    dq, dk = fg.vertex_gadget(fg.e_dst), fg.vertex_kind(fg.e_dst)
+    sq, sk = fg.vertex_gadget(fg.e_src), fg.vertex_kind(fg.e_src)
+    e = np.arange(fg.num_edges)
+    fast_dst = (dq >= 0) & (dk != PMEM)
+    ids = [dq[fast_dst]]
+    edges = [e[fast_dst]]
+    post = (sq >= 0) & (sk != PMEM) & ((dq == -2) | ((dk != PMEM) & (dq == sq + 1)))
+    ids.append(Q + sq[post])
+    edges.append(e[post])
+    init = (sq == -1) & (dk == PRE)
+    ids.append(2 * Q + fg.e_tensor[init])
+    edges.append(e[init])
+    ids_a = np.concatenate(ids)
+    edges_a = np.concatenate(edges)
+    order = np.argsort(ids_a, kind="stable")
+    ptr = np.zeros(2 * Q + P + 1, dtype=np.int64)
+    np.add.at(ptr, ids_a + 1, 1)
+    np.cumsum(ptr, out=ptr)
+    return ptr, edges_a[order]
+
+
+def fast_expression_ids(fg: FlowGraphs, p: np.ndarray, k: np.ndarray, num_kernels: int) -> np.ndarray:
+    """Expression id (see gadget_expressions) of "tensor p is in fast memory at kernel k"."""
+    Q = fg.num_gadgets
+    keys = fg.g_tensor * num_kernels + fg.g_kernel  # sorted: gadgets grouped by tensor, by kernel
+    want = p * num_kernels + k
+    q = np.searchsorted(keys, want, side="right") - 1
+    valid = q >= 0
+    qc = np.maximum(q, 0)
+    valid &= fg.g_tensor[qc] == p if Q else np.zeros_like(valid)
+    at = valid & (fg.g_kernel[qc] == k)
+    return np.where(at, qc, np.where(valid, Q + qc, 2 * Q + p))

@@ -1,0 +1,373 @@
+"""The AutoTM ILP (reference section 4) as sparse arrays, shared by the three formulations.
+
+Columns: one binary per flow-graph edge (x), one binary per allowed IO configuration of a
+kernel that has a choice (cfg), one continuous fast-memory total per non-view kernel (M),
+and in the asynchronous formulation one continuous time per kernel that async moves
+overlap (z). Differences from the original, each on purpose:
+
+* in_fast / in_fast_post are sums of mutually exclusive edge variables of one path, so
+  they need no OR variables or linearisation rows (reference 8.14);
+* configuration choice is one equality per (kernel, free storage):
+  sum of cfg with the storage fast == in_fast(t, n), plus sum cfg == 1. This is exact and
+  tighter than the original's AND linearisation. On CUDA (or where only mask 0 is
+  allowed) there are no cfg variables: in_fast(t, n) == 1 directly;
+* the capacity uses bytes (no MB rounding) and counts fixed tensors (parameters, inputs,
+  optimizer state) as constants. It is written as a running total, M[k] = M[k-1] + the
+  tensors whose in-fast expression changes at k, with M[k] <= limit - fixed bytes live at k
+  as a column bound. That is the same polytope as one row per kernel over its whole live
+  set, with O(gadgets) instead of O(kernels x live tensors) nonzeros;
+* each write edge pays its own cost (without in-place writers a path writes at most once,
+  so this equals the original's write[t]).
+
+The objective is in seconds (the solver module may scale it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph.types import Graph
+from ..profiler.types import Profile
+from .flowgraph import (NONE, READ, WRITE, FlowGraphs, build_flow_graphs, fast_expression_ids,
+                        gadget_expressions)
+
+# capacity rows count MiB (exact float division, no rounding) so that their coefficients sit
+# near the flow rows' 1s; every number outside the model stays in bytes
+BYTE_UNIT = float(2**20)
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """min c.x + offset  s.t.  row_lower <= A x <= row_upper, col bounds, integrality."""
+
+    c: np.ndarray
+    offset: float
+    col_lower: np.ndarray
+    col_upper: np.ndarray
+    integrality: np.ndarray  # bool, True = integer
+    a_start: np.ndarray  # CSR by rows
+    a_index: np.ndarray
+    a_value: np.ndarray
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    # bookkeeping for decoding a solution
+    fg: FlowGraphs
+    cfg_kernel: np.ndarray  # per allowed configuration: kernel, mask, column (-1 = constant)
+    cfg_mask: np.ndarray
+    cfg_col: np.ndarray
+    m_col0: int  # first M column; M of non-view kernel j is m_col0 + j
+    nonview: np.ndarray  # kernel index of each non-view position
+    z_kernel: np.ndarray  # kernels with a z column, and the columns
+    z_col: np.ndarray
+    build_seconds: float
+
+    @property
+    def num_cols(self) -> int:
+        return len(self.c)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_lower)
+
+    @property
+    def num_nonzeros(self) -> int:
+        return len(self.a_value)
+
+
+class _Rows:
+    """Accumulates constraint blocks as COO arrays (no Python object per constraint)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.r: list[np.ndarray] = []
+        self.c: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self.lo: list[np.ndarray] = []
+        self.hi: list[np.ndarray] = []
+
+    def new(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        lo = np.asarray(lo, dtype=float)
+        hi = np.broadcast_to(np.asarray(hi, dtype=float), lo.shape)
+        ids = np.arange(self.n, self.n + len(lo))
+        self.n += len(lo)
+        self.lo.append(lo)
+        self.hi.append(np.array(hi))
+        return ids
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        self.r.append(rows)
+        self.c.append(np.asarray(cols, dtype=np.int64))
+        self.v.append(np.broadcast_to(np.asarray(vals, dtype=float), rows.shape).copy())
+
+    def csr(self, num_cols: int) -> tuple[np.ndarray, ...]:
+        r = np.concatenate(self.r) if self.r else np.zeros(0, np.int64)
+        c = np.concatenate(self.c) if self.c else np.zeros(0, np.int64)
+        v = np.concatenate(self.v) if self.v else np.zeros(0)
+        key = r * num_cols + c
+        order = np.argsort(key, kind="stable")
+        key, v = key[order], v[order]
+        uniq, first = np.unique(key, return_index=True)
+        vals = np.add.reduceat(v, first) if len(v) else v  # duplicate entries summed
+        keep = vals != 0
+        uniq, vals = uniq[keep], vals[keep]
+        rows, cols = uniq // num_cols, uniq % num_cols
+        start = np.zeros(self.n + 1, dtype=np.int64)
+        np.add.at(start, rows + 1, 1)
+        np.cumsum(start, out=start)
+        lo = np.concatenate(self.lo) if self.lo else np.zeros(0)
+        hi = np.concatenate(self.hi) if self.hi else np.zeros(0)
+        return start, cols.astype(np.int32), vals, lo, hi
+
+
+def _expand(ptr: np.ndarray, items: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each id, the CSR items: returns (index into ids for each item, item)."""
+    lens = ptr[ids + 1] - ptr[ids]
+    owner = np.repeat(np.arange(len(ids)), lens)
+    offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    return owner, items[ptr[ids][owner] + offs]
+
+
+def allowed_masks(graph: Graph, profile: Profile, kernel: int, free: set[int]) -> list[int]:
+    """Profiled masks of a kernel in which only free storages are slow (CUDA: mask 0)."""
+    kc = profile.kernels[kernel]
+    if profile.device == "cuda":
+        return [0]
+    slowable = 0
+    for j, s in enumerate(kc.storages):
+        if s in free:
+            slowable |= 1 << j
+    return [m for m in kc.masks if m & ~slowable == 0]
+
+
+def fixed_live_bytes(graph: Graph, free: np.ndarray) -> np.ndarray:
+    """Bytes of non-free (fixed) tensors live at each kernel."""
+    mask = np.ones(len(graph.tensors), dtype=bool)
+    mask[free] = False
+    delta = np.zeros(len(graph.kernels) + 1, dtype=np.int64)
+    for t in graph.tensors:
+        if mask[t.id] and t.nbytes:
+            delta[t.first] += t.nbytes
+            delta[t.last + 1] -= t.nbytes
+    return np.cumsum(delta[:-1])
+
+
+def move_costs(fg: FlowGraphs, profile: Profile) -> np.ndarray:
+    """Seconds of the copy each edge stands for (0 for plain edges)."""
+    bw = profile.bandwidths
+    cost = np.zeros(fg.num_edges)
+    for kind, direction in ((READ, "read"), (WRITE, "write")):
+        for asy in (False, True):
+            sel = np.flatnonzero((fg.e_kind == kind) & (fg.e_async == asy))
+            if len(sel):
+                per_tensor = {}
+                for p in np.unique(fg.e_tensor[sel]).tolist():
+                    per_tensor[p] = bw.move_seconds(int(fg.nbytes[p]), direction, asy)
+                cost[sel] = [per_tensor[p] for p in fg.e_tensor[sel].tolist()]
+    return cost
+
+
+def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: int, *,
+                window: int = 15, move_state: bool = False) -> Model:
+    """The whole ILP for one formulation and fast-memory limit."""
+    t0 = time.perf_counter()
+    fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state)
+    K = len(graph.kernels)
+    P, Q, E = len(fg.storages), fg.num_gadgets, fg.num_edges
+    pos_of = {int(s): p for p, s in enumerate(fg.storages)}
+    free = set(pos_of)
+    eptr, eitems = gadget_expressions(fg)
+    rows = _Rows()
+
+    # ---- flow conservation: SOURCE out = 1, every inner vertex out - in = 0 --------
+    V = fg.num_vertices
+    vrow = np.full(V, -1, dtype=np.int64)
+    touched = np.unique(np.concatenate([fg.e_src, fg.e_dst]))
+    inner = touched[touched < 3 * Q]
+    src_v = fg.source(np.arange(P))
+    vrow[inner] = rows.new(np.zeros(len(inner)), 0.0)
+    vrow[src_v] = rows.new(np.ones(P), 1.0)
+    e = np.arange(E)
+    rows.add(vrow[fg.e_src], e, 1.0)
+    has = vrow[fg.e_dst] >= 0
+    rows.add(vrow[fg.e_dst[has]], e[has], -1.0)
+
+    col_lo: list[np.ndarray] = [np.zeros(E)]
+    col_hi: list[np.ndarray] = [np.ones(E)]
+    integ: list[np.ndarray] = [np.ones(E, dtype=bool)]
+    cost: list[np.ndarray] = [np.zeros(E)]
+    ncols = E
+    offset = 0.0
+
+    # ---- IO configurations ---------------------------------------------------------
+    is_view = np.array([k.view for k in graph.kernels], dtype=bool)
+    nonview = np.flatnonzero(~is_view)
+    cfg_k: list[int] = []
+    cfg_m: list[int] = []
+    cfg_c: list[int] = []
+    kernel_time_terms: dict[int, tuple[list[int], list[float], float]] = {}
+    link_p: list[int] = []  # (free tensor, kernel, storage bit) needing a link row
+    link_k: list[int] = []
+    link_j: list[int] = []
+    for k in nonview:
+        kc = profile.kernels[k]
+        masks = allowed_masks(graph, profile, int(k), free)
+        if not masks:
+            raise ValueError(f"kernel {k} ({graph.kernels[k].op}) has no profiled configuration "
+                             "with its fixed tensors in fast memory")
+        for j, s in enumerate(kc.storages):
+            if s in free:
+                link_p.append(pos_of[s]); link_k.append(int(k)); link_j.append(j)
+        if len(masks) == 1:
+            cfg_k.append(int(k)); cfg_m.append(masks[0]); cfg_c.append(-1)
+            kernel_time_terms[int(k)] = ([], [], kc.times[masks[0]])
+        else:
+            cols = list(range(ncols, ncols + len(masks)))
+            ncols += len(masks)
+            cfg_k += [int(k)] * len(masks); cfg_m += masks; cfg_c += cols
+            kernel_time_terms[int(k)] = (cols, [kc.times[m] for m in masks], 0.0)
+    cfg_kernel = np.array(cfg_k, dtype=np.int64)
+    cfg_mask = np.array(cfg_m, dtype=np.int64)
+    cfg_col = np.array(cfg_c, dtype=np.int64)
+    nvar = cfg_col >= 0
+    col_lo.append(np.zeros(nvar.sum())); col_hi.append(np.ones(nvar.sum()))
+    integ.append(np.ones(nvar.sum(), dtype=bool)); cost.append(np.zeros(nvar.sum()))
+    # sum cfg == 1 for kernels with a choice
+    choice_k = np.unique(cfg_kernel[nvar])
+    krow = np.full(K, -1, dtype=np.int64)
+    krow[choice_k] = rows.new(np.ones(len(choice_k)), 1.0)
+    rows.add(krow[cfg_kernel[nvar]], cfg_col[nvar], 1.0)
+    # link: sum of cfg with bit j clear - in_fast(t, k) == 0  (constant config: in_fast == const)
+    if link_p:
+        lp, lk, lj = np.array(link_p), np.array(link_k), np.array(link_j)
+        single = np.zeros(K, dtype=bool)
+        single_mask = np.zeros(K, dtype=np.int64)
+        single[cfg_kernel[~nvar]] = True
+        single_mask[cfg_kernel[~nvar]] = cfg_mask[~nvar]
+        const = np.where(single[lk], 1 - ((single_mask[lk] >> lj) & 1), 0).astype(float)
+        lrow = rows.new(-const, -const)  # -in_fast == -constant for a fixed configuration
+        ids = fast_expression_ids(fg, lp, lk, K)
+        owner, edges = _expand(eptr, eitems, ids)
+        rows.add(lrow[owner], edges, -1.0)
+        # cfg terms: for each link row of a choice kernel, the cfg columns with bit j clear
+        order = np.argsort(cfg_kernel, kind="stable")
+        ck, cm, cc = cfg_kernel[order], cfg_mask[order], cfg_col[order]
+        kstart = np.searchsorted(ck, lk)
+        kend = np.searchsorted(ck, lk, side="right")
+        ch = ~single[lk]
+        lens = np.where(ch, kend - kstart, 0)
+        own = np.repeat(np.arange(len(lk)), lens)
+        offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        idx = kstart[own] + offs
+        clear = ((cm[idx] >> lj[own]) & 1) == 0
+        rows.add(lrow[own[clear]], cc[idx[clear]], 1.0)
+
+    # ---- capacity as a running total over non-view kernels -------------------------
+    N = len(nonview)
+    m_col0 = ncols
+    ncols += N
+    fixed = fixed_live_bytes(graph, fg.storages)[nonview]
+    col_lo.append(np.zeros(N))
+    col_hi.append((limit_bytes - fixed) / BYTE_UNIT)
+    integ.append(np.zeros(N, dtype=bool)); cost.append(np.zeros(N))
+    mrow = rows.new(np.zeros(N), 0.0)
+    rows.add(mrow, m_col0 + np.arange(N), 1.0)
+    rows.add(mrow[1:], m_col0 + np.arange(N - 1), -1.0)
+    # segments of each tensor's in-fast expression along non-view positions
+    npos = np.searchsorted(nonview, np.arange(K))  # kernel -> first non-view position >= it
+    first = np.array([graph.tensors[s].first for s in fg.storages], dtype=np.int64)
+    last = np.array([graph.tensors[s].last for s in fg.storages], dtype=np.int64)
+    a = npos[first]
+    b = np.searchsorted(nonview, last, side="right") - 1
+    gpos = npos[fg.g_kernel]
+    gq = np.arange(Q)
+    seg_p, seg_start, seg_expr = [], [], []
+    lead = (gpos[fg.g_ptr[:-1]] > a)  # kernels before the first gadget: the initial tier
+    seg_p.append(np.flatnonzero(lead)); seg_start.append(a[lead]); seg_expr.append(2 * Q + np.flatnonzero(lead))
+    seg_p.append(fg.g_tensor); seg_start.append(gpos); seg_expr.append(gq)
+    nxt = np.where(np.arange(Q) + 1 < fg.g_ptr[fg.g_tensor + 1], np.roll(gpos, -1), b[fg.g_tensor] + 1)
+    gap = gpos + 1 < nxt
+    seg_p.append(fg.g_tensor[gap]); seg_start.append(gpos[gap] + 1); seg_expr.append(Q + gq[gap])
+    sp = np.concatenate(seg_p); ss = np.concatenate(seg_start); se = np.concatenate(seg_expr)
+    order = np.lexsort((ss, sp))
+    sp, ss, se = sp[order], ss[order], se[order]
+    send = np.where(np.r_[sp[1:] == sp[:-1], False], np.r_[ss[1:], 0], b[sp] + 1)
+    nb = fg.nbytes / BYTE_UNIT
+    owner, edges = _expand(eptr, eitems, se)
+    rows.add(mrow[ss[owner]], edges, -nb[sp[owner]])  # M[k] - (terms entering at k) ...
+    ends = send < N
+    owner, edges = _expand(eptr, eitems, se[ends])
+    rows.add(mrow[send[ends][owner]], edges, nb[sp[ends][owner]])  # ... + (terms leaving at k)
+
+    # ---- state tensors end in the tier they started in (steady state across steps) ---
+    state = np.flatnonzero(~fg.has_producer)
+    if len(state):
+        srow = rows.new(np.zeros(len(state)), 0.0)
+        o1, e1 = _expand(eptr, eitems, 2 * Q + state)
+        rows.add(srow[o1], e1, 1.0)
+        lastq = fg.g_ptr[state + 1] - 1
+        o2, e2 = _expand(eptr, eitems, Q + lastq)
+        rows.add(srow[o2], e2, -1.0)
+
+    # ---- objective: kernel times, sync moves, async overlap -------------------------
+    mc = move_costs(fg, profile)
+    c = np.concatenate(cost)
+    sync = (fg.e_kind != NONE) & ~fg.e_async
+    c[:E][sync] = mc[sync]
+    asy = np.flatnonzero((fg.e_kind != NONE) & fg.e_async)
+    async_k = fg.g_kernel[fg.e_gadget[asy]]
+    z_kernel = np.unique(async_k)
+    z_col = np.arange(ncols, ncols + len(z_kernel))
+    ncols += len(z_kernel)
+    zc = np.ones(len(z_kernel))
+    has_z = set(z_kernel.tolist())
+    for k, (cols, times, const) in kernel_time_terms.items():
+        if k in has_z:
+            continue
+        offset += const
+        if cols:
+            c[cols] = times
+    if len(z_kernel):
+        zt_lo = np.array([kernel_time_terms[k][2] for k in z_kernel.tolist()])
+        zrow_t = rows.new(zt_lo, np.inf)  # z - T >= constant part of T
+        zrow_m = rows.new(np.zeros(len(z_kernel)), np.inf)  # z - async moves >= 0
+        for i, k in enumerate(z_kernel.tolist()):
+            cols, times, _ = kernel_time_terms[k]
+            if cols:
+                rows.add(np.full(len(cols), zrow_t[i]), cols, -np.array(times))
+        rows.add(zrow_t, z_col, 1.0)
+        rows.add(zrow_m, z_col, 1.0)
+        zi = np.searchsorted(z_kernel, async_k)
+        rows.add(zrow_m[zi], asy, -mc[asy])
+    c = np.concatenate([c, zc])
+    col_lo.append(np.zeros(len(z_kernel))); col_hi.append(np.full(len(z_kernel), np.inf))
+    integ.append(np.zeros(len(z_kernel), dtype=bool))
+
+    start, index, value, rlo, rhi = rows.csr(ncols)
+    return Model(
+        c, offset, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ),
+        start, index, value, rlo, rhi, fg, cfg_kernel, cfg_mask, cfg_col, m_col0, nonview,
+        z_kernel, z_col, time.perf_counter() - t0,
+    )
+
+
+def trace_paths(model: Model, x: np.ndarray) -> list[np.ndarray]:
+    """Per free tensor, the edges of its SOURCE -> SINK path in a solution."""
+    fg = model.fg
+    on = np.flatnonzero(x[: fg.num_edges] > 0.5)
+    by_src = {int(fg.e_src[e]): int(e) for e in on}
+    paths = []
+    for p in range(len(fg.storages)):
+        v, path = int(fg.source(p)), []
+        sink = int(fg.sink(p))
+        while v != sink:
+            e = by_src.get(v)
+            if e is None:
+                raise RuntimeError(f"solution has no path for storage {fg.storages[p]}")
+            path.append(e)
+            v = int(fg.e_dst[e])
+        paths.append(np.array(path, dtype=np.int64))
+    return paths

@@ -1,0 +1,134 @@
+"""Fast-memory limits: `--ratio D:S` parsing, and the smallest limit any plan can meet.
+
+A ratio D:S is fast:slow memory, so `1:4` puts 20% of the unplanned peak
+(`graph.peak_live_bytes`, parameters and inputs included) in fast memory: the paper's
+4:1 PMM:DRAM.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..graph.types import Graph
+from ..profiler.types import Profile
+
+_NUM = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
+
+
+def parse_ratio(text: str) -> tuple[float, float]:
+    """'1:4' -> (1.0, 4.0). Both parts non-negative, not both zero."""
+    parts = str(text).split(":")
+    if len(parts) != 2:
+        raise ValueError(f"the ratio {text!r} must have two parts, fast:slow, like 1:4")
+    vals = []
+    for part in parts:
+        if not re.fullmatch(_NUM, part):
+            raise ValueError(f"the ratio {text!r} must be two non-negative numbers, fast:slow, like 1:4")
+        vals.append(float(part))
+    if vals[0] + vals[1] <= 0:
+        raise ValueError(f"the ratio {text!r} has no memory at all; give fast:slow like 1:4")
+    return vals[0], vals[1]
+
+
+def limit_from_ratio(graph: Graph, ratio: str) -> int:
+    """Fast-memory bytes for a fast:slow ratio of the unplanned peak."""
+    fast, slow = parse_ratio(ratio)
+    return int(round(graph.peak_live_bytes * fast / (fast + slow)))
+
+
+def _fixed_live(graph: Graph, free: set[int]) -> np.ndarray:
+    delta = np.zeros(len(graph.kernels) + 1, dtype=np.int64)
+    for t in graph.tensors:
+        if t.id not in free and t.nbytes:
+            delta[t.first] += t.nbytes
+            delta[t.last + 1] -= t.nbytes
+    return np.cumsum(delta[:-1])
+
+
+def _allowed(profile: Profile, kernel: int, slowable: int) -> list[int]:
+    if profile.device == "cuda":
+        return [0]
+    return [m for m in profile.kernels[kernel].masks if m & ~slowable == 0]
+
+
+def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
+                 move_state: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per kernel: (bytes of tensors that must be in fast memory there whatever the plan,
+    of which bytes are fixed tensors). Synchronous and asynchronous plans can move any free
+    tensor out between kernels, so only the kernel's own IO that no profiled configuration
+    lets be slow counts (on CUDA: all of it). Static plans cannot move, so a tensor that
+    must be fast at one of its kernels is fast for its whole life."""
+    free = {t.id for t in graph.tensors if t.nbytes > 0 and (move_state or not t.fixed)}
+    fixed = _fixed_live(graph, free)
+    need = fixed.copy()
+    forced: set[int] = set()
+    io_need = np.zeros(len(graph.kernels), dtype=np.int64)
+    for k in graph.compute_kernels:
+        st = profile.kernels[k.index].storages
+        slowable = sum(1 << j for j, s in enumerate(st) if s in free)
+        masks = _allowed(profile, k.index, slowable)
+        if not masks:
+            continue
+        best = None
+        for m in masks:
+            b = sum(graph.tensors[s].nbytes for j, s in enumerate(st) if s in free and not m >> j & 1)
+            best = b if best is None else min(best, b)
+        io_need[k.index] = best or 0
+        if formulation == "static":
+            for j, s in enumerate(st):
+                if s in free and all(not m >> j & 1 for m in masks):
+                    forced.add(s)
+    if formulation == "static":
+        delta = np.zeros(len(graph.kernels) + 1, dtype=np.int64)
+        for s in forced:
+            t = graph.tensors[s]
+            delta[t.first] += t.nbytes
+            delta[t.last + 1] -= t.nbytes
+        forced_live = np.cumsum(delta[:-1])
+        # IO that is not forced still needs its cheapest configuration
+        for k in graph.compute_kernels:
+            st = profile.kernels[k.index].storages
+            slowable = sum(1 << j for j, s in enumerate(st) if s in free and s not in forced)
+            masks = _allowed(profile, k.index, slowable) or [0]
+            io_need[k.index] = min(
+                sum(graph.tensors[s].nbytes for j, s in enumerate(st)
+                    if s in free and s not in forced and not m >> j & 1) for m in masks)
+        need = fixed + forced_live + io_need
+    else:
+        need = fixed + io_need
+    is_view = np.array([k.view for k in graph.kernels], dtype=bool)
+    need[is_view] = fixed[is_view]
+    return need, fixed
+
+
+def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synchronous", *,
+                       move_state: bool = False) -> tuple[int, int]:
+    """(smallest fast memory any plan of this formulation needs, the kernel that sets it).
+    Baselines spill what does not fit, so they need nothing."""
+    if formulation in ("numa", "2lm") or not graph.kernels:
+        return 0, 0
+    need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
+    k = int(np.argmax(need))
+    return int(need[k]), k
+
+
+def explain_infeasible(graph: Graph, profile: Profile, formulation: str, limit_bytes: int,
+                       move_state: bool = False, solver_said: bool = False) -> str:
+    """One sentence: the limit, the smallest feasible one, and the kernel that sets it."""
+    from ..cli.common import human_bytes
+
+    need, fixed = kernel_needs(graph, profile, formulation, move_state=move_state)
+    k = int(np.argmax(need))
+    kern = graph.kernels[k]
+    what = (f"kernel #{k} {kern.node} ({kern.op}) needs {int(need[k]):,} bytes "
+            f"({human_bytes(int(need[k]))}) in fast memory: {int(fixed[k]):,} of fixed tensors live "
+            f"there (parameters, inputs, optimizer state) plus {int(need[k] - fixed[k]):,} that "
+            f"{'its inputs and outputs' if formulation != 'static' else 'its tensors and the ones a static plan cannot move'} "
+            "must keep there")
+    if solver_said and limit_bytes >= need[k]:
+        return (f"no {formulation} plan fits in {limit_bytes:,} bytes ({human_bytes(limit_bytes)}) of "
+                f"fast memory; at least {int(need[k]):,} bytes are needed, since {what}")
+    return (f"the fast-memory limit of {limit_bytes:,} bytes ({human_bytes(limit_bytes)}) is below "
+            f"the {int(need[k]):,} bytes any {formulation} plan needs: {what}")

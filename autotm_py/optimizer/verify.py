@@ -1,0 +1,220 @@
+"""Static verifier for any Plan (no execution): the plan is re-derived from the Graph and
+the Profile and every claim in it is checked.
+
+* every storage has exactly one placement path, and it is a path of the formulation's flow
+  graph (gadgets at the right kernels, only allowed transitions); the moves are exactly the
+  paid edges of those paths; fixed tensors stay in fast memory unless state may move;
+* kernel IO is resident where required: on CUDA every input and output of every kernel is
+  in device memory; on CPU the kernel's mask is the one the placements imply and it was
+  profiled (baselines may use unprofiled masks, priced by `plan.kernel_seconds`);
+* fast-memory use recomputed at every kernel, async fetches in flight included, stays
+  within the limit and equals the plan's `fast_bytes`;
+* the predicted time recomputed from the plan matches the plan and the solver objective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..graph.types import Graph
+from ..profiler.types import Profile
+from .flowgraph import DRAM, NONE, PMEM, PRE, READ, build_flow_graphs
+from .plan import FAST, PLAN_SCHEMA, SLOW, Plan, fast_bytes_per_kernel, placement_mask, predict_seconds
+
+REL_TOL = 1e-6
+
+
+class VerificationError(ValueError):
+    """The plan breaks a rule; `problems` lists every finding."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        super().__init__(f"the plan is invalid: {problems[0]}{more}")
+
+
+def verify(plan: Plan, graph: Graph, profile: Profile) -> None:
+    """Raise VerificationError if the plan breaks any rule."""
+    problems = check(plan, graph, profile)
+    if problems:
+        raise VerificationError(problems)
+
+
+def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) -> list[str]:
+    """Every rule the plan breaks, as sentences (empty list = valid)."""
+    out: list[str] = []
+    if plan.schema != PLAN_SCHEMA:
+        return [f"plan schema {plan.schema} is not {PLAN_SCHEMA}"]
+    if plan.graph_fingerprint != graph.fingerprint:
+        return ["the plan was made for another graph"]
+    plans = {}
+    for tp in plan.tensors:
+        if tp.storage in plans:
+            out.append(f"storage {tp.storage} has two placement paths")
+        plans[tp.storage] = tp
+    missing = [t.id for t in graph.tensors if t.id not in plans]
+    if missing:
+        out.append(f"{len(missing)} storages have no placement path (first: {missing[0]})")
+    if len(plan.kernel_masks) != len(graph.kernels) or len(plan.fast_bytes) != len(graph.kernels):
+        out.append("kernel_masks and fast_bytes must have one entry per kernel")
+        return out
+    if out:
+        return out
+    for tp in plan.tensors:
+        if tp.initial not in (FAST, SLOW) or any(d not in (FAST, SLOW) or a not in (FAST, SLOW)
+                                                 for _, d, a in tp.segments):
+            out.append(f"storage {tp.storage} has a tier that is neither fast nor slow")
+            return out
+
+    form = plan.formulation
+    if form in ("static", "synchronous", "asynchronous", "numa"):
+        out += _check_paths(plan, graph, "static" if form == "numa" else form)
+    elif form == "2lm":
+        if plan.moves:
+            out.append("a 2LM plan moves nothing (the hardware cache does)")
+    else:
+        out.append(f"unknown formulation {form!r}")
+    if form in ("static", "synchronous", "asynchronous") and not plan.move_state:
+        for t in graph.tensors:
+            tp = plans[t.id]
+            if t.fixed and (tp.initial != FAST or tp.segments):
+                out.append(f"fixed tensor {t.id} ({t.name}) leaves fast memory, but state may not move")
+                break
+
+    # kernel IO residency and configurations
+    for k in graph.kernels:
+        m = plan.kernel_masks[k.index]
+        if k.view:
+            if m:
+                out.append(f"view kernel #{k.index} has a non-zero mask")
+            continue
+        if form == "2lm":
+            continue
+        implied = placement_mask(graph, plans, k.index)
+        if profile.device == "cuda" and implied:
+            slow = [s for j, s in enumerate(k.storages) if implied >> j & 1]
+            out.append(f"kernel #{k.index} {k.node} ({k.op}) runs on CUDA with storage {slow[0]} "
+                       "in host memory; every kernel's inputs and outputs must be in device memory")
+        elif m != implied:
+            out.append(f"kernel #{k.index} {k.node} has mask {m}, but the placements imply {implied}")
+        elif form != "numa" and m not in profile.kernels[k.index].times:
+            out.append(f"kernel #{k.index} {k.node} uses mask {m}, which was never profiled")
+        if len(out) >= max_problems:
+            return out
+
+    # capacity at every kernel
+    if form != "2lm":
+        fb = fast_bytes_per_kernel(graph, plan.tensors)
+        over = np.flatnonzero(fb > plan.limit_bytes)
+        if len(over):
+            k = int(over[0])
+            out.append(f"fast memory at kernel #{k} {graph.kernels[k].node} is {int(fb[k]):,} bytes, "
+                       f"over the limit of {plan.limit_bytes:,} ({len(over)} kernels over)")
+        if not np.array_equal(fb, np.asarray(plan.fast_bytes, dtype=np.int64)):
+            k = int(np.flatnonzero(fb != np.asarray(plan.fast_bytes))[0])
+            out.append(f"the plan says {plan.fast_bytes[k]:,} bytes of fast memory at kernel #{k}, "
+                       f"the placements give {int(fb[k]):,}")
+
+    # predicted time
+    if form == "2lm":
+        from .twolm import predict_2lm
+
+        recomputed = predict_2lm(graph, profile, plan.limit_bytes)
+    else:
+        recomputed = predict_seconds(graph, profile, plan.kernel_masks, plan.moves)
+    if not math.isclose(recomputed, plan.predicted_seconds, rel_tol=REL_TOL, abs_tol=1e-12):
+        out.append(f"the plan predicts {plan.predicted_seconds:.9g} s, the plan's own placements and "
+                   f"moves give {recomputed:.9g} s")
+    if form in ("static", "synchronous", "asynchronous") and plan.solver.status != "none":
+        if not math.isclose(recomputed, plan.solver.objective, rel_tol=REL_TOL, abs_tol=1e-9):
+            out.append(f"the solver's objective {plan.solver.objective:.9g} s differs from the time "
+                       f"recomputed from the plan, {recomputed:.9g} s")
+    return out[:max_problems]
+
+
+def _check_paths(plan: Plan, graph: Graph, formulation: str) -> list[str]:
+    """Each free tensor's segments must trace a SOURCE -> SINK path of its flow graph."""
+    out: list[str] = []
+    fg = build_flow_graphs(graph, formulation, window=plan.async_window, move_state=plan.move_state)
+    Q = fg.num_gadgets
+    V = fg.num_vertices
+    keys = fg.e_src * V + fg.e_dst
+    order = np.argsort(keys)
+    skeys = keys[order]
+    free = {int(s): p for p, s in enumerate(fg.storages)}
+    plans = {tp.storage: tp for tp in plan.tensors}
+    want_keys: list[int] = []
+    want_owner: list[int] = []
+    for t in graph.tensors:
+        tp = plans[t.id]
+        if t.id not in free:
+            if tp.segments or (tp.initial != FAST and not (plan.move_state or formulation == "static")):
+                pass  # fixed tensors are checked by the caller
+            continue
+        p = free[t.id]
+        gk = fg.g_kernel[fg.g_ptr[p]:fg.g_ptr[p + 1]].tolist()
+        if [s[0] for s in tp.segments] != gk:
+            out.append(f"storage {t.id} has segments at kernels {[s[0] for s in tp.segments][:6]}, "
+                       f"its {formulation} gadgets are at {gk[:6]}")
+            continue
+        q0 = int(fg.g_ptr[p])
+        v = q0 * 3 + (PRE if tp.initial == FAST else PMEM)
+        path = [int(fg.source(p)) * V + v]
+        bad = False
+        for i, (_, during, after) in enumerate(tp.segments):
+            q = q0 + i
+            if during == FAST and v % 3 == PMEM:
+                path.append(v * V + 3 * q + DRAM)  # a fetch at gadget q
+                v = 3 * q + DRAM
+            elif during == SLOW and v % 3 != PMEM:
+                bad = True
+                break
+            last = i == len(tp.segments) - 1
+            if last:
+                if after != during:
+                    bad = True
+                    break
+                w = int(fg.sink(p))
+            elif after == SLOW:
+                w = 3 * (q + 1) + PMEM
+            elif v % 3 == PMEM:
+                bad = True
+                break
+            else:
+                clean = v % 3 == DRAM and not fg.g_writes[q]
+                w = 3 * (q + 1) + (DRAM if clean else PRE)
+            path.append(v * V + w)
+            v = w
+        if bad:
+            out.append(f"storage {t.id} changes tier in a way no move explains")
+            continue
+        want_keys += path
+        want_owner += [t.id] * len(path)
+    if not want_keys:
+        return out
+    wk = np.array(want_keys, dtype=np.int64)
+    idx = np.searchsorted(skeys, wk)
+    idx = np.minimum(idx, len(skeys) - 1)
+    ok = skeys[idx] == wk if len(skeys) else np.zeros(len(wk), dtype=bool)
+    if not ok.all():
+        s = want_owner[int(np.flatnonzero(~ok)[0])]
+        out.append(f"storage {s} takes a transition that its {formulation} flow graph does not have")
+        return out
+    edges = order[idx]
+    paid = edges[fg.e_kind[edges] != NONE]
+    implied = sorted(
+        (int(fg.storages[fg.e_tensor[e]]), "to_fast" if fg.e_kind[e] == READ else "to_slow",
+         "async" if fg.e_async[e] else "sync", int(fg.g_kernel[fg.e_gadget[e]]),
+         int(fg.nbytes[fg.e_tensor[e]])) for e in paid.tolist())
+    have = sorted((m.storage, m.direction, m.kind, m.kernel, m.nbytes) for m in plan.moves)
+    if implied != have:
+        extra = sorted(set(have) - set(implied))
+        lack = sorted(set(implied) - set(have))
+        what = (f"move {extra[0]} is not on any path" if extra else
+                f"the paths need move {lack[0]}, which the plan lacks" if lack else
+                "moves are listed more than once")
+        out.append(what)
+    del Q
+    return out

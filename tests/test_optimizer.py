@@ -1,0 +1,278 @@
+"""Optimizer: ILP optima against brute force, monotonicity, orderings, verifier, files."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+
+import pytest
+
+from autotm_py.graph.types import Role
+from autotm_py.optimizer import (Infeasible, Plan, VerificationError, limit_from_ratio,
+                                 minimum_fast_bytes, optimize, parse_ratio, verify)
+from autotm_py.optimizer.plan import SLOW, TensorPlan
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bruteforce import brute_force, make_graph, make_profile  # noqa: E402
+
+I, P, O, IN = Role.INTERMEDIATE, Role.PARAMETER, Role.OUTPUT, Role.INPUT
+
+
+def chain_graph():
+    """Forward, backward and an in-place update, with a view kernel: 6 free tensors."""
+    sizes = [30, 20, 50, 60, 40, 40, 50, 10]  # w, x, a, b, c, gc, ga, loss
+    roles = [P, IN, I, I, I, I, I, O]
+    kernels = [((0, 1), (2,)), ((2,), (3,)), ((3,), (3,), "view"), ((3,), (4,)), ((4,), (7,)),
+               ((4, 3), (5,)), ((5, 2), (6,)), ((6, 0), (0,), "inplace")]
+    return make_graph(sizes, roles, kernels, "chain")
+
+
+def inplace_graph():
+    """An intermediate written in place by a later kernel (its slow copy goes stale)."""
+    sizes = [40, 30, 50, 60, 70, 10]
+    roles = [P, IN, I, I, I, O]
+    kernels = [((0, 1), (2,)), ((2,), (3,)), ((3, 2), (4,)), ((4,), (4,), "inplace"),
+               ((4, 3), (5,)), ((4, 0), (0,), "inplace")]
+    return make_graph(sizes, roles, kernels, "inplace")
+
+
+GRAPHS = {"chain": chain_graph, "inplace": inplace_graph}
+LIMITS = (100, 140, 180, 220, 260)
+
+
+def _solve(g, prof, form, lim, **kw):
+    try:
+        plan = optimize(g, prof, formulation=form, limit_bytes=lim, mip_gap=0.0, **kw)
+    except Infeasible:
+        return math.inf, None
+    verify(plan, g, prof)
+    return plan.predicted_seconds, plan
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("form", ["static", "synchronous", "asynchronous"])
+def test_ilp_equals_brute_force(graph, device, form):
+    g = GRAPHS[graph]()
+    prof = make_profile(g, device, seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    feasible = 0
+    for lim in LIMITS:
+        bf = brute_force(g, prof, form, lim, window=1)
+        got, plan = _solve(g, prof, form, lim, async_window=1)
+        if math.isinf(bf):
+            assert math.isinf(got), (lim, got)
+            continue
+        feasible += 1
+        assert got == pytest.approx(bf, rel=1e-9), (lim, got, bf)
+        assert plan.solver.objective == pytest.approx(bf, rel=1e-9)
+    assert feasible
+
+
+def test_ilp_equals_brute_force_movable_state():
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=5, move_state=True, read_bw=300, write_bw=200)
+    for form in ("static", "synchronous"):
+        for lim in (60, 120, 200):
+            bf = brute_force(g, prof, form, lim, move_state=True)
+            got, _ = _solve(g, prof, form, lim, move_state=True)
+            assert got == pytest.approx(bf, rel=1e-9) if not math.isinf(bf) else math.isinf(got)
+
+
+def test_moves_pay_off_somewhere():
+    """The test profiles are not degenerate: some limit makes sync strictly beat static."""
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    gains = [_solve(g, prof, "static", lim)[0] - _solve(g, prof, "synchronous", lim)[0]
+             for lim in LIMITS]
+    assert max(gains) > 0.1
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from autotm_py.graph import capture
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    g = capture(model, (torch.randn(32, 64),), torch.randint(0, 10, (32,)), name="mlp")
+    return g, make_profile(g, "cpu", seed=7, drop=0.0, read_bw=2e6, write_bw=1.5e6)
+
+
+def _fixed_bytes(g):
+    return sum(t.nbytes for t in g.tensors if t.fixed)
+
+
+def test_monotone_in_limit_and_orderings(mlp):
+    g, prof = mlp
+    base = minimum_fast_bytes(g, prof, "static")[0]
+    peak = g.peak_live_bytes
+    limits = sorted({int(base + f * (peak - base)) for f in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)})
+    prev = {f: math.inf for f in ("static", "synchronous", "asynchronous", "numa")}
+    for lim in limits:
+        res = {}
+        for f in ("static", "synchronous", "asynchronous", "numa"):
+            plan = optimize(g, prof, formulation=f, limit_bytes=lim, mip_gap=0.0)
+            verify(plan, g, prof)
+            res[f] = plan.predicted_seconds
+            assert res[f] <= prev[f] * (1 + 1e-9), (f, lim)
+            prev[f] = res[f]
+        assert res["synchronous"] <= res["static"] * (1 + 1e-9)
+        assert res["asynchronous"] <= res["synchronous"] * (1 + 1e-9)
+        if all(t.fixed is False or plan_fixed_fast(g, prof, lim) for t in g.tensors[:1]):
+            assert res["synchronous"] <= res["numa"] * (1 + 1e-9)
+    full = optimize(g, prof, formulation="synchronous", limit_bytes=peak)
+    assert full.predicted_seconds == pytest.approx(prof.all_fast_seconds)
+
+
+def plan_fixed_fast(g, prof, lim):
+    plan = optimize(g, prof, formulation="numa", limit_bytes=lim)
+    return all(plan.fast_at(t.id, t.first) for t in g.tensors if t.fixed and t.nbytes)
+
+
+def test_baselines_and_2lm(mlp):
+    g, prof = mlp
+    lim = limit_from_ratio(g, "1:4")
+    for f in ("numa", "2lm"):
+        plan = optimize(g, prof, formulation=f, ratio="1:4")
+        verify(plan, g, prof)
+        assert plan.limit_bytes == lim and not plan.moves
+        assert plan.predicted_seconds >= prof.all_fast_seconds
+    assert optimize(g, prof, formulation="2lm", ratio="1:0").predicted_seconds == pytest.approx(
+        prof.all_fast_seconds)
+    assert optimize(g, prof, formulation="2lm", ratio="1:4").modeled
+
+
+def _plan(device="cpu", form="synchronous", lim=180):
+    g = chain_graph()
+    prof = make_profile(g, device, seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    plan = optimize(g, prof, formulation=form, limit_bytes=lim, mip_gap=0.0, async_window=1)
+    verify(plan, g, prof)
+    return g, prof, plan
+
+
+def _rejects(plan, g, prof, words):
+    with pytest.raises(VerificationError) as err:
+        verify(plan, g, prof)
+    assert any(words in p for p in err.value.problems), err.value.problems
+
+
+def test_verifier_rejects_corrupted_plans():
+    g, prof, plan = _plan()
+    assert plan.moves
+    _rejects(dataclasses.replace(plan, limit_bytes=plan.peak_fast_bytes - 1), g, prof, "over the limit")
+    _rejects(dataclasses.replace(plan, predicted_seconds=plan.predicted_seconds * 1.01), g, prof,
+             "predicts")
+    _rejects(dataclasses.replace(plan, moves=plan.moves[1:]), g, prof, "lacks")
+    # a tensor that turns slow with no move or free drop to explain it
+    tensors = list(plan.tensors)
+    i = next(i for i, t in enumerate(tensors) if len(t.segments) >= 2 and t.segments[0][1] == "fast"
+             and t.segments[1][1] == "fast")
+    t = tensors[i]
+    segs = list(t.segments)
+    segs[1] = (segs[1][0], SLOW, SLOW)
+    tensors[i] = TensorPlan(t.storage, t.initial, (segs[0], segs[1]) + tuple(
+        (k, SLOW, SLOW) for k, _, _ in segs[2:]))
+    _rejects(dataclasses.replace(plan, tensors=tuple(tensors)), g, prof, "")
+    # segments at kernels that are not the tensor's gadgets
+    tensors = list(plan.tensors)
+    t = tensors[i]
+    tensors[i] = TensorPlan(t.storage, t.initial, tuple((k + 1, d, a) for k, d, a in t.segments))
+    _rejects(dataclasses.replace(plan, tensors=tuple(tensors)), g, prof, "gadgets")
+
+
+def test_verifier_rejects_slow_input_on_cuda():
+    g, prof, plan = _plan("cuda", "synchronous", 220)
+    tensors = list(plan.tensors)
+    i = next(i for i, t in enumerate(tensors) if t.segments and t.storage == 2)
+    t = tensors[i]
+    tensors[i] = TensorPlan(t.storage, SLOW, tuple((k, SLOW, SLOW) for k, _, _ in t.segments))
+    _rejects(dataclasses.replace(plan, tensors=tuple(tensors)), g, prof, "device memory")
+
+
+def test_plan_file_roundtrip(tmp_path):
+    g, prof, plan = _plan(form="asynchronous")
+    path = str(tmp_path / "plan.json")
+    plan.save(path)
+    back = Plan.load(path, g)
+    assert back == plan
+    verify(back, g, prof)
+    other = inplace_graph()
+    with pytest.raises(ValueError, match="another graph"):
+        Plan.load(path, other)
+    import json
+
+    d = json.load(open(path))
+    d["schema"] = 99
+    json.dump(d, open(path, "w"))
+    with pytest.raises(ValueError, match="schema"):
+        Plan.load(path)
+
+
+def test_plan_contents():
+    g, prof, plan = _plan(form="asynchronous")
+    m = plan.metrics
+    assert m["bytes_moved"] + m["bytes_async_moved"] == plan.bytes_moved
+    assert m["num_kernels"] == len(g.compute_kernels)
+    assert m["dram_limit"] == plan.limit_bytes
+    assert len(plan.fast_bytes) == len(g.kernels)
+    assert max(plan.fast_bytes) <= plan.limit_bytes
+    for mv in plan.moves:
+        assert mv.direction in ("to_fast", "to_slow") and mv.kind in ("sync", "async")
+    s = plan.solver
+    assert s.status == "optimal" and s.variables > 0 and s.constraints > 0 and s.gap <= 1e-9
+
+
+def test_ratio_parsing():
+    assert parse_ratio("1:4") == (1.0, 4.0)
+    assert parse_ratio("0.5:1") == (0.5, 1.0)
+    for bad in ("1:0:3", "-1:4", "a:b", "0:0", "14"):
+        with pytest.raises(ValueError):
+            parse_ratio(bad)
+    g = chain_graph()
+    assert limit_from_ratio(g, "1:4") == round(g.peak_live_bytes / 5)
+    assert limit_from_ratio(g, "1:0") == g.peak_live_bytes
+
+
+def test_infeasible_limit_is_explained():
+    g = chain_graph()
+    prof = make_profile(g, "cuda", seed=1)
+    need, k = minimum_fast_bytes(g, prof, "synchronous")
+    with pytest.raises(Infeasible, match=f"kernel #{k}"):
+        optimize(g, prof, formulation="synchronous", limit_bytes=need - 1)
+    # parameters and inputs always count: a limit below them is infeasible on the CPU too
+    cpu = make_profile(g, "cpu", seed=1)
+    with pytest.raises(Infeasible, match="fixed tensors"):
+        optimize(g, cpu, formulation="synchronous", limit_bytes=_fixed_bytes(g) - 1)
+
+
+def test_cbc_backend_agrees():
+    pytest.importorskip("pulp")
+    from autotm_py.optimizer.solver import SolverFailed
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    a = optimize(g, prof, formulation="synchronous", limit_bytes=180, mip_gap=0.0)
+    try:
+        b = optimize(g, prof, formulation="synchronous", limit_bytes=180, mip_gap=0.0, solver="cbc")
+    except SolverFailed as exc:
+        pytest.skip(str(exc))
+    verify(b, g, prof)
+    assert b.predicted_seconds == pytest.approx(a.predicted_seconds, rel=1e-9)
+    assert b.solver.backend == "cbc"
+
+
+def test_mps_export(tmp_path):
+    from autotm_py.optimizer.ilp import build_model
+    from autotm_py.optimizer.solver import write_mps
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3)
+    path = str(tmp_path / "m.mps.gz")
+    write_mps(build_model(g, prof, "synchronous", 180), path)
+    import gzip
+
+    assert b"ROWS" in gzip.open(path).read()
