@@ -23,7 +23,8 @@ def test_zoo_json_has_paper_batches() -> None:
     rows = {row["name"]: row for row in json.loads(r.output)}
     assert rows["vgg19"]["sets"]["conventional"] == [2048]
     assert rows["densenet264"]["sets"]["large"] == [3072]
-    assert set(rows) == {"vgg19", "vgg416", "resnet50", "resnet200", "inception_v4", "densenet264", "transformer"}
+    assert set(rows) == {"vgg19", "vgg416", "resnet50", "resnet152", "resnet200", "inception_v4",
+                         "densenet264", "densenet201", "transformer"}
 
 
 def test_graph_json_summary() -> None:

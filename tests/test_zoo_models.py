@@ -14,6 +14,8 @@ from autotm_py.graph import zoo
 EXPECTED_PARAMS = {
     "vgg19": 143.7e6,
     "resnet50": 25.6e6,
+    "resnet152": 60.2e6,
+    "densenet201": 20.0e6,
     "resnet200": 64.7e6,
     "inception_v4": 42.7e6,
     "densenet264": 33.3e6,
@@ -107,13 +109,15 @@ def test_workload_is_reproducible() -> None:
 
 def test_registry_entries() -> None:
     assert zoo.names() == [
-        "vgg19", "vgg416", "resnet50", "resnet200", "inception_v4", "densenet264", "transformer"
+        "vgg19", "vgg416", "resnet50", "resnet152", "resnet200", "inception_v4", "densenet264",
+        "densenet201", "transformer"
     ]
     lrs = {n: zoo.get(n).lr for n in zoo.names()}
     assert lrs == {
-        "vgg19": 0.05, "vgg416": 0.05, "resnet50": 0.001, "resnet200": 0.001,
-        "inception_v4": 0.05, "densenet264": 0.001, "transformer": 0.001,
+        "vgg19": 0.05, "vgg416": 0.05, "resnet50": 0.001, "resnet152": 0.001, "resnet200": 0.001,
+        "inception_v4": 0.05, "densenet264": 0.001, "densenet201": 0.001, "transformer": 0.001,
     }
+    assert zoo.zoo_set("peers") == [("vgg19", 256), ("vgg19", 1024), ("resnet152", 256), ("densenet201", 128)]
     tr = zoo.get("transformer")
     assert (tr.sample_shape, tr.input_dtype, tr.num_classes) == ((150,), torch.int64, 20000)
     assert zoo.get("inception_v4").sample_shape == (3, 299, 299)

@@ -22,13 +22,14 @@ def zoo_cmd(as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = Table(title="autotm zoo (sets: test, conventional, large, gpu)")
-    for col in ("model", "description", "test", "conventional", "large", "gpu", "lr"):
+    sets = zoo.SET_NAMES + (zoo.PEER_SET,)
+    table = Table(title="autotm zoo: the paper's batch sets, and ours for the GPU comparison (peers)")
+    for col in ("model", "description", *sets, "lr"):
         table.add_column(col)
     for r in rows:
         s = r["sets"]
         table.add_row(r["name"], r["description"],
-                      *(", ".join(map(str, s.get(k, []))) or "-" for k in zoo.SET_NAMES), str(r["lr"]))
+                      *(", ".join(map(str, s.get(k, []))) or "-" for k in sets), str(r["lr"]))
     console.print(table)
 
 

@@ -18,9 +18,9 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from .densenet import densenet264
+from .densenet import densenet201, densenet264
 from .inception import inception_v4
-from .resnet import resnet50, resnet200
+from .resnet import resnet50, resnet152, resnet200
 from .transformer import transformer
 from .vgg import vgg19, vgg416
 
@@ -38,6 +38,8 @@ __all__ = [
 
 #: named batch-size sets (AutoTM, section 7.1)
 SET_NAMES: tuple[str, ...] = ("test", "conventional", "large", "gpu")
+#: the GPU comparison against save_on_cpu and checkpointing (ours, not the paper's)
+PEER_SET = "peers"
 
 
 class UnknownModelError(KeyError):
@@ -83,7 +85,7 @@ def _entry(
     input_dtype: torch.dtype = torch.float32,
     num_classes: int = 1000,
 ) -> ZooEntry:
-    unknown = set(sets) - set(SET_NAMES)
+    unknown = set(sets) - set(SET_NAMES) - {PEER_SET}
     assert not unknown, f"{name}: unknown set names {sorted(unknown)}"
     return ZooEntry(
         name=name,
@@ -109,7 +111,7 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         vgg19,
         _IMAGE,
         0.05,
-        {"test": (16,), "conventional": (2048,), "gpu": (64, 128)},
+        {"test": (16,), "conventional": (2048,), "gpu": (64, 128), PEER_SET: (256, 1024)},
         1,
     ),
     _entry(
@@ -130,6 +132,16 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         0.001,
         {"test": (8,), "gpu": (64,)},
         2,
+    ),
+    _entry(
+        "resnet152",
+        "ResNet-152 bottleneck network (60.2M parameters), 3x224x224 images; not in the paper: "
+        "used by the GPU comparison (set 'peers', batch 256).",
+        resnet152,
+        _IMAGE,
+        0.001,
+        {PEER_SET: (256,)},
+        1,
     ),
     _entry(
         "resnet200",
@@ -156,6 +168,16 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         _IMAGE,
         0.001,
         {"conventional": (512,), "large": (3072,), "gpu": (32, 64, 128)},
+        1,
+    ),
+    _entry(
+        "densenet201",
+        "DenseNet-201 (growth 32, blocks 6/12/48/32; 20.0M parameters), 3x224x224 images; not in "
+        "the paper: used by the GPU comparison (set 'peers', batch 128).",
+        densenet201,
+        _IMAGE,
+        0.001,
+        {PEER_SET: (128,)},
         1,
     ),
     _entry(
@@ -192,7 +214,7 @@ def get(name: str) -> ZooEntry:
 
 def zoo_set(set_name: str) -> list[tuple[str, int]]:
     """The ``(model, batch)`` pairs of a named batch set, in registry order."""
-    if set_name not in SET_NAMES:
+    if set_name not in SET_NAMES + (PEER_SET,):
         raise ValueError(f"unknown set {set_name!r}; the sets are: {', '.join(SET_NAMES)}.")
     return [(e.name, b) for e in _ENTRIES for b in e.sets.get(set_name, ())]
 

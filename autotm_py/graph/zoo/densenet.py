@@ -109,3 +109,8 @@ def densenet(block_sizes: Sequence[int], growth: int = 32, num_classes: int = 10
 def densenet264(num_classes: int = 1000) -> DenseNet:
     """DenseNet-264: growth 32, blocks (6, 12, 64, 48); about 33.3M parameters."""
     return densenet((6, 12, 64, 48), 32, num_classes)
+
+
+def densenet201(num_classes: int = 1000) -> DenseNet:
+    """DenseNet-201: growth 32, blocks (6, 12, 48, 32); about 20.0M parameters."""
+    return densenet((6, 12, 48, 32), 32, num_classes)

@@ -85,6 +85,11 @@ def resnet50(num_classes: int = 1000) -> ResNet:
     return resnet((3, 4, 6, 3), num_classes)
 
 
+def resnet152(num_classes: int = 1000) -> ResNet:
+    """ResNet-152, stage depths (3, 8, 36, 3); about 60.2M parameters."""
+    return resnet((3, 8, 36, 3), num_classes)
+
+
 def resnet200(num_classes: int = 1000) -> ResNet:
     """ResNet-200, stage depths (3, 24, 36, 3); about 64.7M parameters."""
     return resnet((3, 24, 36, 3), num_classes)
