@@ -24,13 +24,14 @@ def zoo_cmd(as_json: bool) -> None:
         return
     sets = zoo.SET_NAMES + (zoo.PEER_SET,)
     table = Table(title="autotm zoo: the paper's batch sets, and ours for the GPU comparison (peers)")
-    for col in ("model", "description", *sets, "lr"):
+    for col in ("model", *sets, "lr"):
         table.add_column(col)
     for r in rows:
         s = r["sets"]
-        table.add_row(r["name"], r["description"],
+        table.add_row(r["name"],
                       *(", ".join(map(str, s.get(k, []))) or "-" for k in sets), str(r["lr"]))
     console.print(table)
+    console.print("Descriptions: autotm zoo --json")
 
 
 @click.command("graph")
