@@ -145,7 +145,7 @@ def brute_force(graph: Graph, profile: Profile, formulation: str, limit: int, *,
                     cur = after[q]
                 else:
                     fast[k] = cur == "fast"
-            final = cur
+            final = during[max(during)] if int(fg.g_kernel[max(during)]) >= K else cur
             if t.producer is None and final != initial:
                 continue  # state must end the step where it started
             for e in path:

@@ -16,7 +16,10 @@ copy exists", PMEM(q) "slow". Edges follow the reference table (3.3), with two c
   stale, so DRAM(q) leaves like PRE(q): DRAM(q) -> PRE(q+1) and DRAM(q) -> PMEM(q+1) is a
   paid write. Without in-place writers a path writes at most once, as in the original;
 * state tensors (no producer, only when ``move_state``) may start in either tier and be
-  fetched at their first gadget; the ILP ties their final tier to their initial one.
+  fetched at their first gadget; in the synchronous and asynchronous formulations they get a
+  terminal gadget at kernel index ``len(graph.kernels)`` (after the step) so that they can be
+  written back after their last user, and the ILP ties their tier there to their initial one
+  (the next step finds them where this one did).
 
 Edges are generated from the gadget arrays with vectorised numpy, never by testing pairs.
 """
@@ -148,6 +151,11 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
             asy = np.concatenate([np.zeros(len(u), dtype=bool), np.ones(len(extra), dtype=bool)])
             order = np.argsort(ks, kind="stable")
             ks, asy = ks[order], asy[order]
+        if t.producer is None and formulation != "static":
+            # state comes back where it started: a terminal gadget after the last kernel
+            # (index len(kernels)) lets it be written back after its last user
+            ks = np.append(ks, len(graph.kernels))
+            asy = np.append(asy, False)
         g_kernel.append(ks.astype(np.int64))
         g_async.append(asy)
         counts[p] = len(ks)
@@ -160,8 +168,9 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
     gt = np.repeat(np.arange(P), counts)
     has_prod = np.array([graph.tensors[s].producer is not None for s in storages], dtype=bool)
     nbytes = np.array([graph.tensors[s].nbytes for s in storages], dtype=np.int64)
+    K = len(graph.kernels)
     gw = np.array(
-        [int(storages[p]) in writes_of[k] and graph.tensors[storages[p]].producer != k
+        [k < K and int(storages[p]) in writes_of[k] and graph.tensors[storages[p]].producer != k
          for p, k in zip(gt, gk)], dtype=bool)
     Q = len(gk)
     q = np.arange(Q)
@@ -205,7 +214,7 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
     ld = lq[has_dram[lq]]
     add(3 * ld + DRAM, SNK[gt[ld]], NONE, False, -1, gt[ld])
     add(3 * lq + PMEM, SNK[gt[lq]], NONE, False, -1, gt[lq])
-    rq = q[has_dram]
+    rq = q[has_dram & (gk < K)]  # nothing is fetched at the terminal gadget
     add(3 * rq + PMEM, 3 * rq + DRAM, READ, ga[rq], rq)
 
     e_src = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)

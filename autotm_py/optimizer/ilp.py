@@ -277,7 +277,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
     rows.add(mrow, m_col0 + np.arange(N), 1.0)
     rows.add(mrow[1:], m_col0 + np.arange(N - 1), -1.0)
     # segments of each tensor's in-fast expression along non-view positions
-    npos = np.searchsorted(nonview, np.arange(K))  # kernel -> first non-view position >= it
+    npos = np.searchsorted(nonview, np.arange(K + 1))  # kernel -> first non-view position >= it
     first = np.array([graph.tensors[s].first for s in fg.storages], dtype=np.int64)
     last = np.array([graph.tensors[s].last for s in fg.storages], dtype=np.int64)
     a = npos[first]
@@ -292,6 +292,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
     gap = gpos + 1 < nxt
     seg_p.append(fg.g_tensor[gap]); seg_start.append(gpos[gap] + 1); seg_expr.append(Q + gq[gap])
     sp = np.concatenate(seg_p); ss = np.concatenate(seg_start); se = np.concatenate(seg_expr)
+    inside = ss < N  # the terminal gadget of state tensors lies after the last kernel
+    sp, ss, se = sp[inside], ss[inside], se[inside]
     order = np.lexsort((ss, sp))
     sp, ss, se = sp[order], ss[order], se[order]
     send = np.where(np.r_[sp[1:] == sp[:-1], False], np.r_[ss[1:], 0], b[sp] + 1)
@@ -309,7 +311,9 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
         o1, e1 = _expand(eptr, eitems, 2 * Q + state)
         rows.add(srow[o1], e1, 1.0)
         lastq = fg.g_ptr[state + 1] - 1
-        o2, e2 = _expand(eptr, eitems, Q + lastq)
+        # tier at the end: during the terminal gadget, or after the only gadget in static
+        end_expr = np.where(fg.g_kernel[lastq] == K, lastq, Q + lastq)
+        o2, e2 = _expand(eptr, eitems, end_expr)
         rows.add(srow[o2], e2, -1.0)
 
     # ---- objective: kernel times, sync moves, async overlap -------------------------

@@ -130,5 +130,7 @@ def explain_infeasible(graph: Graph, profile: Profile, formulation: str, limit_b
     if solver_said and limit_bytes >= need[k]:
         return (f"no {formulation} plan fits in {limit_bytes:,} bytes ({human_bytes(limit_bytes)}) of "
                 f"fast memory; at least {int(need[k]):,} bytes are needed, since {what}")
+    hint = ("; let that state move (move_state, --move-state) or raise the limit"
+            if fixed[k] > limit_bytes and not move_state else "")
     return (f"the fast-memory limit of {limit_bytes:,} bytes ({human_bytes(limit_bytes)}) is below "
-            f"the {int(need[k]):,} bytes any {formulation} plan needs: {what}")
+            f"the {int(need[k]):,} bytes any {formulation} plan needs: {what}{hint}")

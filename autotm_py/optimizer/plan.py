@@ -38,7 +38,9 @@ class Move:
 class TensorPlan:
     """Placement path of one storage: its tier when it comes to life, then one
     (kernel, tier during the kernel, tier after it) per gadget. Fixed tensors have no
-    segments and stay in `initial` for their whole life."""
+    segments and stay in `initial` for their whole life. With movable state, a state
+    tensor's last segment may sit at kernel index len(graph.kernels): its tier at the end
+    of the step (equal to `initial`)."""
 
     storage: int
     initial: str
