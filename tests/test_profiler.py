@@ -267,11 +267,12 @@ def _cli(args, env=None):
 
 def test_cli_profile_twice_second_run_measures_nothing(tmp_path):
     env = {"AUTOTM_CACHE": str(tmp_path) + "/"}
-    r = _cli(["profile", "tests.workloads:tiny_mlp", "--json"], env)
+    r = _cli(["profile", "tests.workloads:tiny_mlp", "--json", "--max-copy-size", "4MiB"], env)
     assert r.exit_code == 0, r.output
     import json
 
     first = json.loads(r.output)
+    assert first["bandwidths"]["sizes"] == [1 << 20, 4 << 20]
     assert first["unique_kernels"] > 5 and first["measured_kernels"] == first["unique_kernels"]
     r2 = _cli(["profile", "tests.workloads:tiny_mlp", "--json"], env)
     second = json.loads(r2.output)

@@ -10,7 +10,8 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from .common import UserError, capture_workload, check_device, console, emit_json, err_console, user_errors
+from .common import (UserError, capture_workload, check_device, console, emit_json, err_console,
+                     parse_size, user_errors)
 
 
 def _profiler_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,11 +54,13 @@ def bandwidth_table(bw: Any, title: str) -> Table:
 @click.option("--cache", default=None, metavar="PATH",
               help="Cache file or folder (default: $AUTOTM_CACHE, else the project's kernels_cache/).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--max-copy-size", default="1GiB", show_default=True, metavar="SIZE",
+              help="Largest copy of the bandwidth probe (sizes 1 MiB, 4 MiB, ... up to this).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 @_profiler_errors
 def profile_cmd(model: str, batch: int | None, device: str, slow_tier: str | None, cache: str | None,
-                optimizer: str, as_json: bool) -> None:
+                optimizer: str, max_copy_size: str, as_json: bool) -> None:
     """Time MODEL's kernels under every IO placement, and the copy bandwidths, into the
     kernel cache. A second run takes everything from the cache.
 
@@ -65,12 +68,16 @@ def profile_cmd(model: str, batch: int | None, device: str, slow_tier: str | Non
     """
     from ..profiler import profile
 
+    from ..profiler.bandwidth import copy_sizes
+
+    sizes = copy_sizes(parse_size(max_copy_size))
     check_device(device)
     if device == "cuda" and slow_tier is not None:
         raise UserError("--slow-tier applies to --device cpu; on CUDA the slow tier is pinned host memory")
     graph = capture_workload(model, batch, device=device, optimizer=optimizer)
     try:
-        prof = profile(graph, device=device, slow_tier=slow_tier, cache=cache, progress=not as_json)
+        prof = profile(graph, device=device, slow_tier=slow_tier, cache=cache, progress=not as_json,
+                       bandwidth_sizes=sizes)
     except KeyboardInterrupt:
         err_console.print("interrupted: every finished measurement is in the cache; run again to resume")
         raise SystemExit(130) from None

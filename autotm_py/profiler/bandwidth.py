@@ -20,6 +20,16 @@ from .types import Bandwidths
 
 MiB = 1 << 20
 DEFAULT_SIZES: tuple[int, ...] = tuple(MiB * 4**i for i in range(6))  # 1 MiB .. 1 GiB
+
+
+def copy_sizes(largest: int = 1 << 30) -> tuple[int, ...]:
+    """1 MiB, 4 MiB, 16 MiB, ... up to `largest` (at least 1 MiB)."""
+    sizes = [MiB]
+    while sizes[-1] * 4 <= largest:
+        sizes.append(sizes[-1] * 4)
+    return tuple(sizes)
+
+
 POLICY = TimingPolicy(warmup=1, min_runs=3, min_seconds=0.05, max_runs=50)
 
 

@@ -203,6 +203,8 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
     # ---- bandwidths (cached per device and tier) -----------------------------------------
     bw_tier = "dram" if tier.key == "model" else tier.key
     bw = kc.bandwidths(fp, bw_tier)
+    if bw is not None and bw.sizes[-1] < bandwidth_sizes[-1]:
+        bw = None  # cached by a shorter probe: measure the sizes asked for
     bandwidths_measured = bw is None
     bw_start = time.perf_counter()
     if bw is None:
