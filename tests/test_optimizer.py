@@ -276,3 +276,24 @@ def test_mps_export(tmp_path):
     import gzip
 
     assert b"ROWS" in gzip.open(path).read()
+
+
+def test_sync_plan_is_a_feasible_async_start():
+    """The warm start: a synchronous plan maps to a feasible point of the async model with
+    the same objective."""
+    import numpy as np
+
+    from autotm_py.optimizer.formulation import start_vector
+    from autotm_py.optimizer.ilp import build_model
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    s = optimize(g, prof, formulation="synchronous", limit_bytes=180, mip_gap=0.0)
+    m = build_model(g, prof, "asynchronous", 180, window=1)
+    x = start_vector(m, g, prof, s)
+    assert x is not None
+    ax = np.array([m.a_value[m.a_start[r]:m.a_start[r + 1]] @ x[m.a_index[m.a_start[r]:m.a_start[r + 1]]]
+                   for r in range(m.num_rows)])
+    assert (ax >= m.row_lower - 1e-9).all() and (ax <= m.row_upper + 1e-9).all()
+    assert (x >= m.col_lower - 1e-9).all() and (x <= m.col_upper + 1e-9).all()
+    assert m.c @ x + m.offset == pytest.approx(s.predicted_seconds, rel=1e-9)

@@ -271,3 +271,48 @@ def fast_expression_ids(fg: FlowGraphs, p: np.ndarray, k: np.ndarray, num_kernel
     valid &= fg.g_tensor[qc] == p if Q else np.zeros_like(valid)
     at = valid & (fg.g_kernel[qc] == k)
     return np.where(at, qc, np.where(valid, Q + qc, 2 * Q + p))
+
+
+def walk(fg: FlowGraphs, p: int, initial_fast: bool,
+         tiers: list[tuple[bool, bool]]) -> list[tuple[int, int]] | None:
+    """Vertex pairs of tensor p's path given its tier (fast?) during and after each gadget;
+    None when no path of this shape exists (a tier change that no edge explains)."""
+    q0 = int(fg.g_ptr[p])
+    if len(tiers) != int(fg.g_ptr[p + 1]) - q0:
+        return None
+    v = 3 * q0 + (PRE if initial_fast else PMEM)
+    pairs = [(int(fg.source(p)), v)]
+    for i, (during, after) in enumerate(tiers):
+        q = q0 + i
+        if during and v % 3 == PMEM:
+            pairs.append((v, 3 * q + DRAM))  # a fetch at gadget q
+            v = 3 * q + DRAM
+        elif not during and v % 3 != PMEM:
+            return None
+        if i == len(tiers) - 1:
+            if after != during:
+                return None
+            w = int(fg.sink(p))
+        elif not after:
+            w = 3 * (q + 1) + PMEM
+        elif v % 3 == PMEM:
+            return None
+        else:
+            clean = v % 3 == DRAM and not fg.g_writes[q]
+            w = 3 * (q + 1) + (DRAM if clean else PRE)
+        pairs.append((v, w))
+        v = w
+    return pairs
+
+
+def edge_ids(fg: FlowGraphs, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """Edge id of each (src, dst) vertex pair, -1 where the flow graph has no such edge."""
+    V = fg.num_vertices
+    keys = fg.e_src * V + fg.e_dst
+    order = np.argsort(keys)
+    skeys = keys[order]
+    want = np.array([a * V + b for a, b in pairs], dtype=np.int64)
+    if not len(want) or not len(skeys):
+        return np.full(len(want), -1, dtype=np.int64)
+    idx = np.minimum(np.searchsorted(skeys, want), len(skeys) - 1)
+    return np.where(skeys[idx] == want, order[idx], -1)

@@ -2,34 +2,97 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .flowgraph import NONE, PMEM, READ
-from .ilp import Model, build_model, trace_paths
+from .flowgraph import NONE, PMEM, READ, edge_ids, walk
+from .ilp import BYTE_UNIT, Model, build_model, trace_paths
 from .limits import explain_infeasible, minimum_fast_bytes
 from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan,
-                   fast_bytes_per_kernel, fixed_tensor_plans, plan_metrics, predict_seconds)
-from .solver import Infeasible, Solution, solve
+                   fast_bytes_per_kernel, fixed_tensor_plans, kernel_seconds, plan_metrics,
+                   predict_seconds)
+from .solver import Infeasible, Solution, SolverFailed, solve
 
 
 def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_bytes: int, *,
                       ratio: str | None = None, time_limit: float = 300.0, mip_gap: float = 0.01,
                       solver: str = "highs", async_window: int = 15,
-                      move_state: bool = False) -> Plan:
-    """Build and solve one formulation's ILP and return its Plan."""
+                      move_state: bool = False, warm_start: bool = True) -> Plan:
+    """Build and solve one formulation's ILP and return its Plan. The asynchronous
+    formulation starts from the synchronous optimum (its solve time is included)."""
     need, _ = minimum_fast_bytes(graph, profile, formulation, move_state=move_state)
     if limit_bytes < need:
         raise Infeasible(explain_infeasible(graph, profile, formulation, limit_bytes, move_state))
+    start = None
+    t0 = time.perf_counter()
+    if formulation == "asynchronous" and warm_start and solver == "highs":
+        # a synchronous plan is an asynchronous one that overlaps nothing: solving it first
+        # hands HiGHS an incumbent at once (large async models can otherwise run out of time
+        # before their first feasible point)
+        try:
+            start = solve_formulation(graph, profile, "synchronous", limit_bytes, ratio=ratio,
+                                      time_limit=time_limit / 3, mip_gap=mip_gap, solver=solver,
+                                      async_window=async_window, move_state=move_state)
+        except (Infeasible, SolverFailed):
+            start = None
+    warm_seconds = time.perf_counter() - t0
     model = build_model(graph, profile, formulation, limit_bytes, window=async_window,
                         move_state=move_state)
+    x0 = start_vector(model, graph, profile, start) if start is not None else None
     try:
-        sol = solve(model, backend=solver, time_limit=time_limit, mip_gap=mip_gap)
+        sol = solve(model, backend=solver, time_limit=max(time_limit - warm_seconds, 1.0),
+                    mip_gap=mip_gap, start=x0)
     except Infeasible:
         raise Infeasible(explain_infeasible(graph, profile, formulation, limit_bytes, move_state,
                                             solver_said=True)) from None
+    if warm_seconds:
+        sol = dataclasses.replace(sol, solve_seconds=sol.solve_seconds + warm_seconds)
     return plan_from_solution(graph, profile, model, sol, limit_bytes, ratio, move_state, async_window)
+
+
+def start_vector(model: Model, graph: Graph, profile: Profile, plan: Plan) -> np.ndarray | None:
+    """The model's column values for an existing plan whose paths exist in this model's
+    flow graphs (e.g. a synchronous plan in the asynchronous model); None if they do not."""
+    fg = model.fg
+    x = np.zeros(model.num_cols)
+    pairs: list[tuple[int, int]] = []
+    for p, s in enumerate(fg.storages.tolist()):
+        tp = plan.tensor_plan(s)
+        tiers = []
+        for k in fg.g_kernel[fg.g_ptr[p]:fg.g_ptr[p + 1]].tolist():
+            seg = next((sg for sg in tp.segments if sg[0] == k), None)
+            if seg is None:  # a gadget the plan does not have: nothing happens there
+                t = tp.tier_at(k) == FAST
+                tiers.append((t, t))
+            else:
+                tiers.append((seg[1] == FAST, seg[2] == FAST))
+        path = walk(fg, p, tp.initial == FAST, tiers)
+        if path is None:
+            return None
+        pairs += path
+    edges = edge_ids(fg, pairs)
+    if (edges < 0).any():
+        return None
+    x[edges] = 1.0
+    choice = model.cfg_col >= 0
+    for k, m, c in zip(model.cfg_kernel[choice].tolist(), model.cfg_mask[choice].tolist(),
+                       model.cfg_col[choice].tolist()):
+        x[c] = 1.0 if plan.kernel_masks[k] == m else 0.0
+    free_plans = [plan.tensor_plan(int(s)) for s in fg.storages]
+    fb = fast_bytes_per_kernel(graph, free_plans)
+    x[model.m_col0:model.m_col0 + len(model.nonview)] = fb[model.nonview] / BYTE_UNIT
+    load: dict[int, float] = {}
+    for mv in plan.moves:
+        if mv.kind == "async":
+            d = "read" if mv.direction == "to_fast" else "write"
+            load[mv.kernel] = load.get(mv.kernel, 0.0) + profile.bandwidths.move_seconds(mv.nbytes, d, True)
+    for k, c in zip(model.z_kernel.tolist(), model.z_col.tolist()):
+        x[c] = max(kernel_seconds(profile, k, plan.kernel_masks[k]), load.get(k, 0.0))
+    return x
 
 
 def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Solution,

@@ -96,8 +96,10 @@ def write_mps(model: Model, path: str) -> None:
 
 
 def solve(model: Model, *, backend: str = "highs", time_limit: float = 300.0,
-          mip_gap: float = 0.01, threads: int | None = None, verbose: bool = False) -> Solution:
-    """Solve and check the status; returns the best solution found within the limits."""
+          mip_gap: float = 0.01, threads: int | None = None, verbose: bool = False,
+          start: np.ndarray | None = None) -> Solution:
+    """Solve and check the status; returns the best solution found within the limits.
+    `start`: a feasible column vector to begin from (HiGHS only)."""
     if time_limit <= 0:
         raise ValueError(f"the time limit must be positive, got {time_limit}")
     if not 0 <= mip_gap < 1:
@@ -105,14 +107,14 @@ def solve(model: Model, *, backend: str = "highs", time_limit: float = 300.0,
     if model.num_cols == 0:
         return Solution(np.zeros(0), model.offset, "optimal", 0.0, 0.0, backend)
     if backend == "highs":
-        return _solve_highs(model, time_limit, mip_gap, threads, verbose)
+        return _solve_highs(model, time_limit, mip_gap, threads, verbose, start)
     if backend in ("cbc", "pulp"):
         return _solve_cbc(model, time_limit, mip_gap, threads, verbose)
     raise ValueError(f"unknown solver {backend!r}; choose highs or cbc")
 
 
 def _solve_highs(model: Model, time_limit: float, mip_gap: float, threads: int | None,
-                 verbose: bool) -> Solution:
+                 verbose: bool, start: np.ndarray | None = None) -> Solution:
     h = _highs(quiet=not verbose)
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
@@ -122,6 +124,13 @@ def _solve_highs(model: Model, time_limit: float, mip_gap: float, threads: int |
     if threads:
         h.setOptionValue("threads", int(threads))
     pass_model(h, model)
+    if start is not None:
+        import highspy
+
+        hs = highspy.HighsSolution()
+        hs.col_value = np.asarray(start, dtype=np.float64)
+        hs.value_valid = True
+        h.setSolution(hs)
     t0 = time.perf_counter()
     h.run()
     seconds = time.perf_counter() - t0

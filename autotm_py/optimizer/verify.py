@@ -20,7 +20,7 @@ import numpy as np
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .flowgraph import DRAM, NONE, PMEM, PRE, READ, build_flow_graphs
+from .flowgraph import NONE, READ, build_flow_graphs, edge_ids, walk
 from .plan import FAST, PLAN_SCHEMA, SLOW, Plan, fast_bytes_per_kernel, placement_mask, predict_seconds
 
 REL_TOL = 1e-6
@@ -138,71 +138,33 @@ def _check_paths(plan: Plan, graph: Graph, formulation: str) -> list[str]:
     """Each free tensor's segments must trace a SOURCE -> SINK path of its flow graph."""
     out: list[str] = []
     fg = build_flow_graphs(graph, formulation, window=plan.async_window, move_state=plan.move_state)
-    Q = fg.num_gadgets
-    V = fg.num_vertices
-    keys = fg.e_src * V + fg.e_dst
-    order = np.argsort(keys)
-    skeys = keys[order]
     free = {int(s): p for p, s in enumerate(fg.storages)}
     plans = {tp.storage: tp for tp in plan.tensors}
-    want_keys: list[int] = []
-    want_owner: list[int] = []
+    pairs: list[tuple[int, int]] = []
+    owner: list[int] = []
     for t in graph.tensors:
-        tp = plans[t.id]
         if t.id not in free:
-            if tp.segments or (tp.initial != FAST and not (plan.move_state or formulation == "static")):
-                pass  # fixed tensors are checked by the caller
             continue
+        tp = plans[t.id]
         p = free[t.id]
         gk = fg.g_kernel[fg.g_ptr[p]:fg.g_ptr[p + 1]].tolist()
         if [s[0] for s in tp.segments] != gk:
             out.append(f"storage {t.id} has segments at kernels {[s[0] for s in tp.segments][:6]}, "
                        f"its {formulation} gadgets are at {gk[:6]}")
             continue
-        q0 = int(fg.g_ptr[p])
-        v = q0 * 3 + (PRE if tp.initial == FAST else PMEM)
-        path = [int(fg.source(p)) * V + v]
-        bad = False
-        for i, (_, during, after) in enumerate(tp.segments):
-            q = q0 + i
-            if during == FAST and v % 3 == PMEM:
-                path.append(v * V + 3 * q + DRAM)  # a fetch at gadget q
-                v = 3 * q + DRAM
-            elif during == SLOW and v % 3 != PMEM:
-                bad = True
-                break
-            last = i == len(tp.segments) - 1
-            if last:
-                if after != during:
-                    bad = True
-                    break
-                w = int(fg.sink(p))
-            elif after == SLOW:
-                w = 3 * (q + 1) + PMEM
-            elif v % 3 == PMEM:
-                bad = True
-                break
-            else:
-                clean = v % 3 == DRAM and not fg.g_writes[q]
-                w = 3 * (q + 1) + (DRAM if clean else PRE)
-            path.append(v * V + w)
-            v = w
-        if bad:
+        path = walk(fg, p, tp.initial == FAST, [(d == FAST, a == FAST) for _, d, a in tp.segments])
+        if path is None:
             out.append(f"storage {t.id} changes tier in a way no move explains")
             continue
-        want_keys += path
-        want_owner += [t.id] * len(path)
-    if not want_keys:
+        pairs += path
+        owner += [t.id] * len(path)
+    if not pairs:
         return out
-    wk = np.array(want_keys, dtype=np.int64)
-    idx = np.searchsorted(skeys, wk)
-    idx = np.minimum(idx, len(skeys) - 1)
-    ok = skeys[idx] == wk if len(skeys) else np.zeros(len(wk), dtype=bool)
-    if not ok.all():
-        s = want_owner[int(np.flatnonzero(~ok)[0])]
+    edges = edge_ids(fg, pairs)
+    if (edges < 0).any():
+        s = owner[int(np.flatnonzero(edges < 0)[0])]
         out.append(f"storage {s} takes a transition that its {formulation} flow graph does not have")
         return out
-    edges = order[idx]
     paid = edges[fg.e_kind[edges] != NONE]
     implied = sorted(
         (int(fg.storages[fg.e_tensor[e]]), "to_fast" if fg.e_kind[e] == READ else "to_slow",
@@ -216,5 +178,4 @@ def _check_paths(plan: Plan, graph: Graph, formulation: str) -> list[str]:
                 f"the paths need move {lack[0]}, which the plan lacks" if lack else
                 "moves are listed more than once")
         out.append(what)
-    del Q
     return out

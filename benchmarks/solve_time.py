@@ -1,0 +1,122 @@
+"""Solve time and predicted slowdown of every formulation on the conventional set at 1:4.
+
+For each network of the zoo's conventional set (inception_v4 1024, resnet200 512, vgg19 2048,
+densenet264 512, transformer 512): build time, solve time, gap and model size per
+formulation, and the predicted slowdown against all fast memory. Kernel times are a
+*roofline estimate* (autotm_py.optimizer.roofline, modeled: timing paper-sized kernels for
+real is too slow on a small machine) with the profiler's Optane model for slow placements.
+Writes benchmarks/results/solve_time.json and solve_time.md.
+
+    python benchmarks/solve_time.py [--models vgg19:2048,...] [--formulations ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+from autotm_py.cli.common import capture_workload
+from autotm_py.optimizer import optimize, verify
+from autotm_py.optimizer.roofline import roofline_profile
+
+CONVENTIONAL = (("inception_v4", 1024), ("resnet200", 512), ("vgg19", 2048), ("densenet264", 512),
+                ("transformer", 512))
+FORMS = ("static", "synchronous", "asynchronous", "numa", "2lm")
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(f"{m}:{b}" for m, b in CONVENTIONAL))
+    ap.add_argument("--formulations", default=",".join(FORMS))
+    ap.add_argument("--ratio", default="1:4")
+    ap.add_argument("--time-limit", type=float, default=300.0)
+    ap.add_argument("--gap", type=float, default=0.01)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    forms = args.formulations.split(",")
+    rows = []
+    for spec in args.models.split(","):
+        name, batch = spec.split(":")
+        t0 = time.perf_counter()
+        graph = capture_workload(name, int(batch))
+        prof = roofline_profile(graph)
+        print(f"{name} {batch}: {len(graph.kernels)} kernels, {len(graph.tensors)} tensors, "
+              f"captured in {time.perf_counter() - t0:.1f} s", flush=True)
+        for f in forms:
+            t1 = time.perf_counter()
+            row = {"model": name, "batch": int(batch), "formulation": f, "ratio": args.ratio,
+                   "kernels": len(graph.kernels), "peak_live_bytes": graph.peak_live_bytes}
+            try:
+                plan = optimize(graph, prof, formulation=f, ratio=args.ratio, time_limit=args.time_limit,
+                                mip_gap=args.gap)
+                verify(plan, graph, prof)
+                s = plan.solver
+                row.update(status=s.status, build_seconds=s.build_seconds, solve_seconds=s.solve_seconds,
+                           gap=s.gap, variables=s.variables, constraints=s.constraints,
+                           nonzeros=s.nonzeros, predicted_seconds=plan.predicted_seconds,
+                           all_fast_seconds=plan.all_fast_seconds, slowdown=plan.slowdown,
+                           bytes_moved=plan.bytes_moved, limit_bytes=plan.limit_bytes,
+                           wall_seconds=time.perf_counter() - t1, verified=True)
+            except Exception as exc:  # record and go on: one network must not sink the table
+                row.update(status="error", error=str(exc)[:300], wall_seconds=time.perf_counter() - t1)
+            rows.append(row)
+            print(f"  {f:13s} {row.get('status')}: build {row.get('build_seconds', 0):.2f} s, solve "
+                  f"{row.get('solve_seconds', 0):.2f} s, gap {row.get('gap', math.nan):.4f}, slowdown "
+                  f"x{row.get('slowdown', math.nan):.3f}", flush=True)
+    geo = {}
+    for f in forms:
+        xs = [r["slowdown"] for r in rows if r["formulation"] == f and "slowdown" in r]
+        geo[f] = {"geomean_slowdown": geomean(xs), "networks": len(xs)}
+    result = {
+        "benchmark": "solve_time", "ratio": args.ratio, "time_limit": args.time_limit, "gap": args.gap,
+        "profile": "roofline estimate (modeled)", "machine": {"cpus": os.cpu_count(),
+                                                              "python": sys.version.split()[0],
+                                                              "platform": platform.platform()},
+        "rows": rows, "geomean": geo,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "solve_time.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(os.path.join(args.out, "solve_time.md"), "w") as fh:
+        fh.write(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Solve time and predicted slowdown at {result['ratio']} (fast:slow)", "",
+             f"Kernel times: {result['profile']}. HiGHS, time limit {result['time_limit']:.0f} s, "
+             f"relative gap {result['gap']:.0%}, {result['machine']['cpus']} cores.", "",
+             "| network | formulation | status | build s | solve s | gap | variables | constraints | "
+             "nonzeros | slowdown vs all fast | GB moved |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r["status"] == "error":
+            lines.append(f"| {r['model']} {r['batch']} | {r['formulation']} | error: {r['error'][:80]} "
+                         "| | | | | | | | |")
+            continue
+        ilp = r["formulation"] in ("static", "synchronous", "asynchronous")
+        lines.append(
+            f"| {r['model']} {r['batch']} | {r['formulation']} | {r['status']} | "
+            + (f"{r['build_seconds']:.2f} | {r['solve_seconds']:.2f} | {100 * r['gap']:.2f}% | "
+               f"{r['variables']:,} | {r['constraints']:,} | {r['nonzeros']:,} | " if ilp else "- | - | - | - | - | - | ")
+            + f"x{r['slowdown']:.3f} | {r['bytes_moved'] / 1e9:.1f} |")
+    lines += ["", "Geometric mean of the predicted slowdown against all fast memory:", "",
+              "| formulation | geomean slowdown | networks |", "|---|---:|---:|"]
+    for f, g in result["geomean"].items():
+        lines.append(f"| {f} | x{g['geomean_slowdown']:.3f} ({100 * (g['geomean_slowdown'] - 1):.1f}%) "
+                     f"| {g['networks']} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
