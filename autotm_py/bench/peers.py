@@ -1,0 +1,315 @@
+"""The GPU comparison: an unconstrained step, autotm (asynchronous and synchronous plans),
+PyTorch's `save_on_cpu(pin_memory=True)` and activation checkpointing, all on the same model
+in one process, each under the same cap on device memory.
+
+The cap is enforced with `torch.cuda.set_per_process_memory_fraction`; the peak reported is
+`torch.cuda.max_memory_allocated()` over the timed steps. The transfer lower bound of any
+plan that only moves data is LB = max(T_f, E/B) + max(T_b, E/B), with E = unplanned peak - cap,
+T_f and T_b the forward and backward(+update) times of the unconstrained step and B the
+measured pinned-copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import capture, zoo
+from ..optimizer import optimize
+from ..runtime import compile as compile_plan
+from ..runtime.step import median, time_steps
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    method: str
+    status: str  # "ok", "out of memory", "failed: ..."
+    step_seconds: float = math.nan
+    peak_bytes: int = 0
+    predicted_seconds: float = math.nan
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    model: str
+    batch: int
+    cap_fraction: float
+    cap_bytes: int
+    unconstrained_seconds: float
+    unconstrained_peak: int
+    forward_seconds: float
+    backward_seconds: float
+    bandwidth_h2d: float
+    bandwidth_d2h: float
+    lower_bound_seconds: float
+    methods: tuple[MethodResult, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = [asdict(m) for m in self.methods]
+        return d
+
+
+def as_sequential(model: nn.Module) -> nn.Sequential:
+    """The zoo's CNNs as one flat nn.Sequential (same modules, same order), so that
+    `checkpoint_sequential` can split them into segments."""
+    name = type(model).__name__
+    if name == "VGG":
+        return nn.Sequential(*model.features, nn.Flatten(1), *model.classifier)
+    if name == "ResNet":
+        return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, *model.layer1,
+                             *model.layer2, *model.layer3, *model.layer4, model.avgpool, nn.Flatten(1),
+                             model.fc)
+    if name == "DenseNet":
+        head = list(model.classifier) if isinstance(model.classifier, nn.Sequential) else [model.classifier]
+        return nn.Sequential(*model.features, model.avgpool, nn.Flatten(1), *head)
+    raise ValueError(f"no sequential form for {name}")
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if out.dim() > 2:
+        return F.cross_entropy(out.flatten(0, -2), target.flatten())
+    return F.cross_entropy(out, target)
+
+
+def _reset(cap_fraction: float | None) -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_fraction is None else cap_fraction)
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _measure(step: Callable[[], Any], steps: int, device: torch.device, cap: float | None) -> tuple[str, float, int]:
+    """(status, median step seconds, peak bytes) of `step` under a memory fraction."""
+    _reset(cap)
+    try:
+        times = time_steps(step, steps, device, warmup=1)
+        peak = torch.cuda.max_memory_allocated()
+        return "ok", median(times), peak
+    except Exception as exc:  # noqa: BLE001 - out-of-memory is a result here, not a crash
+        if _is_oom(exc):
+            return "out of memory", math.nan, torch.cuda.max_memory_allocated()
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", math.nan, 0
+    finally:
+        torch.cuda.synchronize()
+        _reset(None)
+
+
+def _eager(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+           mode: str) -> Callable[[], None]:
+    seq = as_sequential(model) if mode == "checkpoint" else None
+
+    def step() -> None:
+        if mode == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                loss = _loss(model(x), y)
+        elif mode == "checkpoint":
+            from torch.utils.checkpoint import checkpoint_sequential
+
+            # An in-place ReLU at a segment boundary would overwrite a checkpointed input.
+            relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and m.inplace]
+            for m in relus:
+                m.inplace = False
+            try:
+                loss = _loss(checkpoint_sequential(seq, 4, x, use_reentrant=False), y)
+            finally:
+                for m in relus:
+                    m.inplace = True
+        else:
+            loss = _loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def forward_backward_seconds(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                             y: torch.Tensor, runs: int = 5) -> tuple[float, float]:
+    """Median forward time and backward+update time of the eager, unconstrained step."""
+    fwd, bwd = [], []
+    for i in range(runs + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = _loss(model(x), y)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if i:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+        del loss
+    return median(fwd), median(bwd)
+
+
+def lower_bound(peak: int, cap: int, t_f: float, t_b: float, bandwidth: float) -> float:
+    """Transfer lower bound of any data-moving plan: E bytes out before the peak, back after."""
+    e = max(peak - cap, 0)
+    return max(t_f, e / bandwidth) + max(t_b, e / bandwidth)
+
+
+def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor,
+               formulation: str, cap: int, total: int, steps: int, time_limit: float,
+               max_retries: int = 3, log: Callable[[str], None] = print) -> MethodResult:
+    """Solve, run, and where the measured peak exceeds the cap (allocator fragmentation,
+    workspaces), lower the limit by half the overshoot (at least 2%, at most 10%) and
+    solve again, up to `max_retries` times."""
+    limit = cap
+    attempts = []
+    for attempt in range(max_retries + 1):
+        t0 = time.perf_counter()
+        plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit)
+        solve = time.perf_counter() - t0
+        step = compile_plan(plan, model, lr=lr)
+        status, secs, peak = _measure(lambda: step(x, y), steps, x.device, cap / total)
+        stats = step.move_stats
+        attempts.append({"limit": limit, "status": status, "peak": peak, "solve_seconds": solve,
+                         "gap": plan.solver.gap, "solver_status": plan.solver.status})
+        log(f"  autotm {formulation} attempt {attempt}: limit {limit / 2**30:.2f} GiB -> {status}, "
+            f"{secs:.3f} s, peak {peak / 2**30:.2f} GiB (solve {solve:.1f} s, gap {plan.solver.gap:.3%})")
+        if status == "ok" and peak <= cap:
+            extra = {"attempts": attempts, "bytes_moved": plan.bytes_moved, "moves": len(plan.moves),
+                     "unplanned_copies": stats.unplanned_copies if stats else None,
+                     "predicted_fast_peak": plan.peak_fast_bytes}
+            return MethodResult(f"autotm {formulation}", "ok", secs, peak, plan.predicted_seconds,
+                                f"{attempt} re-solve(s)" if attempt else "", extra)
+        overshoot = (peak / cap - 1) if status == "ok" else 0.1
+        limit = int(limit * min(0.98, max(0.90, 1 - overshoot / 2)))
+        del step
+    return MethodResult(f"autotm {formulation}", attempts[-1]["status"] if attempts[-1]["status"] != "ok"
+                        else "over the cap", math.nan, attempts[-1]["peak"], math.nan,
+                        f"{max_retries} re-solves did not fit", {"attempts": attempts})
+
+
+def run_case(name: str, batch: int, cap_fraction: float, *, steps: int = 5, time_limit: float = 120.0,
+             formulations: tuple[str, ...] = ("asynchronous", "synchronous"),
+             peers: tuple[str, ...] = ("save_on_cpu", "checkpoint"), cache: Any = None,
+             log: Callable[[str], None] = print) -> CaseResult:
+    """One row of the comparison (the model is built once and shared by every method)."""
+    from ..profiler import profile
+
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    entry = zoo.get(name)
+    model, (x,), y = zoo.workload(name, batch, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=entry.lr)
+    base = _eager(model, opt, x, y, "plain")
+    status, t_u, peak = _measure(base, steps, device, None)
+    if status != "ok":
+        raise RuntimeError(f"the unconstrained {name} batch {batch} step does not run: {status}")
+    t_f, t_b = forward_backward_seconds(model, opt, x, y)
+    cap = int(cap_fraction * peak)
+    log(f"{name} batch {batch}: unconstrained {t_u:.3f} s, peak {peak / 2**30:.2f} GiB, "
+        f"cap {cap / 2**30:.2f} GiB ({cap_fraction:.0%}); T_f {t_f:.3f} s, T_b {t_b:.3f} s")
+    graph = capture(model, (x,), y, lr=entry.lr, device=device, name=name, batch=batch)
+    t0 = time.perf_counter()
+    prof = profile(graph, device="cuda", cache=cache, progress=False)
+    log(f"  profile: {time.perf_counter() - t0:.1f} s, predicted all-fast step {prof.all_fast_seconds:.3f} s")
+    big = 1 << 30
+    h2d = prof.bandwidths.bandwidth(big, "read")
+    d2h = prof.bandwidths.bandwidth(big, "write")
+    lb = lower_bound(peak, cap, t_f, t_b, min(h2d, d2h))
+    log(f"  pinned copies: H2D {h2d / 1e9:.1f} GB/s, D2H {d2h / 1e9:.1f} GB/s; lower bound {lb:.3f} s")
+    methods = []
+    for form in formulations:
+        methods.append(autotm_run(graph, prof, model, entry.lr, x, y, form, cap, total, steps, time_limit, log=log))
+    for peer in peers:
+        if peer == "checkpoint":
+            try:
+                as_sequential(model)
+            except ValueError:
+                methods.append(MethodResult("checkpoint_sequential(4)", "not applicable"))
+                continue
+        st, secs, pk = _measure(_eager(model, opt, x, y, peer), steps, device, cap / total)
+        label = "checkpoint_sequential(4)" if peer == "checkpoint" else "save_on_cpu(pin_memory=True)"
+        methods.append(MethodResult(label, st if st == "ok" and pk <= cap else (st if st != "ok" else "over the cap"),
+                                    secs, pk))
+        log(f"  {label}: {st}, {secs:.3f} s, peak {pk / 2**30:.2f} GiB")
+    result = CaseResult(name, batch, cap_fraction, cap, t_u, peak, t_f, t_b, h2d, d2h, lb, tuple(methods))
+    del model, opt, x, y, graph
+    _reset(None)
+    return result
+
+
+def _predicted(m: MethodResult) -> str:
+    if m.status != "ok" or math.isnan(m.predicted_seconds):
+        return ""
+    return f"{m.predicted_seconds:.3f} s ({abs(m.predicted_seconds - m.step_seconds) / m.step_seconds:.1%})"
+
+
+def markdown(results: list[CaseResult]) -> str:
+    """One table: every method per case, time, ratio to unconstrained and to LB, peak."""
+    lines = ["| model, batch | cap | method | step time | x unconstrained | x LB | peak | predicted (error) | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.model}, {r.batch} | {r.cap_fraction:.0%} ({r.cap_bytes / 2**30:.1f} GiB) | "
+                     f"unconstrained | {r.unconstrained_seconds:.3f} s | 1.00 | | "
+                     f"{r.unconstrained_peak / 2**30:.1f} GiB | | ok |")
+        lines.append(f"| | | transfer lower bound | {r.lower_bound_seconds:.3f} s | "
+                     f"{r.lower_bound_seconds / r.unconstrained_seconds:.2f} | 1.00 | | | |")
+        for m in r.methods:
+            ok = m.status == "ok"
+            lines.append(
+                f"| | | {m.method} | {f'{m.step_seconds:.3f} s' if ok else '-'} | "
+                f"{f'{m.step_seconds / r.unconstrained_seconds:.2f}' if ok else '-'} | "
+                f"{f'{m.step_seconds / r.lower_bound_seconds:.2f}' if ok else '-'} | "
+                f"{m.peak_bytes / 2**30:.1f} GiB | {_predicted(m)} | {m.status}{'; ' + m.notes if m.notes else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_oversized(name: str, batch: int, budget: int, *, steps: int = 3, time_limit: float = 120.0,
+                  cache: Any = None, formulation: str = "asynchronous", reference_batch: int = 256,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A step whose unplanned peak exceeds the device: trained under `budget` bytes with an
+    autotm plan; compared per sample with the unconstrained step at `reference_batch`."""
+    from ..profiler import profile
+
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    entry = zoo.get(name)
+    model, (x,), y = zoo.workload(name, batch, device=device)
+    graph = capture(model, (x,), y, lr=entry.lr, device=device, name=name, batch=batch)
+    log(f"{name} batch {batch}: unplanned peak {graph.peak_live_bytes / 2**30:.1f} GiB, "
+        f"device {total / 2**30:.1f} GiB, budget {budget / 2**30:.1f} GiB")
+    prof = profile(graph, device="cuda", cache=cache, progress=False)
+    r = autotm_run(graph, prof, model, entry.lr, x, y, formulation, budget, total, steps, time_limit, log=log)
+    del model, x, y
+    _reset(None)
+    ref, (rx,), ry = zoo.workload(name, reference_batch, device=device)
+    opt = torch.optim.SGD(ref.parameters(), lr=entry.lr)
+    _, t_ref, _ = _measure(_eager(ref, opt, rx, ry, "plain"), steps, device, None)
+    t_f, t_b = forward_backward_seconds(ref, opt, rx, ry)
+    scale = batch / reference_batch
+    bw = min(prof.bandwidths.bandwidth(1 << 30, "read"), prof.bandwidths.bandwidth(1 << 30, "write"))
+    lb = lower_bound(graph.peak_live_bytes, budget, t_f * scale, t_b * scale, bw)
+    del ref, opt, rx, ry
+    _reset(None)
+    out = {
+        "model": name, "batch": batch, "budget": budget, "predicted_peak": graph.peak_live_bytes,
+        "status": r.status, "step_seconds": r.step_seconds, "peak_bytes": r.peak_bytes,
+        "predicted_seconds": r.predicted_seconds, "samples_per_second": batch / r.step_seconds,
+        "reference_batch": reference_batch, "reference_step_seconds": t_ref,
+        "reference_samples_per_second": reference_batch / t_ref, "lower_bound_seconds": lb,
+        "formulation": formulation, "extra": r.extra,
+    }
+    log(f"  {r.status}: {r.step_seconds:.3f} s/step = {out['samples_per_second']:.0f} samples/s against "
+        f"{out['reference_samples_per_second']:.0f} unconstrained at batch {reference_batch}; LB {lb:.3f} s")
+    return out

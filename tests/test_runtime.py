@@ -1,0 +1,122 @@
+"""Running plans: the rewritten step must equal the unplanned step bit for bit on CPU."""
+
+import copy
+import ctypes.util
+
+import pytest
+import torch
+from torch import nn
+
+from autotm_py.graph import capture, zoo
+from autotm_py.optimizer import optimize
+from autotm_py.profiler import profile
+from autotm_py.runtime import compile as compile_plan
+from autotm_py.runtime import unplanned_step
+from autotm_py.runtime.step import RunError, spec_from_optimizer
+
+FORMULATIONS = ["static", "synchronous", "asynchronous", "numa", "2lm"]
+HAS_PMEM = ctypes.util.find_library("pmem") is not None
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(8 * 8 * 8, 10))
+
+
+def _check_equal_after_steps(model: nn.Module, x, y, plan, lr: float, steps: int = 3,
+                             slow_tier: str | None = None, optimizer: str = "sgd", momentum: float = 0.0) -> dict:
+    planned_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    if optimizer == "adam":
+        opt_a = torch.optim.Adam(planned_model.parameters(), lr=lr)
+        opt_b = torch.optim.Adam(reference.parameters(), lr=lr)
+    else:
+        opt_a = torch.optim.SGD(planned_model.parameters(), lr=lr, momentum=momentum)
+        opt_b = torch.optim.SGD(reference.parameters(), lr=lr, momentum=momentum)
+    step = compile_plan(plan, planned_model, opt_a, slow_tier=slow_tier)
+    base = unplanned_step(reference, spec_from_optimizer(opt_b, None, "cross_entropy"), (x,), y)
+    for i in range(steps):
+        torch.manual_seed(100 + i)
+        loss_a = step(x, y)
+        torch.manual_seed(100 + i)
+        loss_b = base()
+        assert torch.equal(loss_a, loss_b), f"loss differs at step {i}"
+    for (name, p), q in zip(planned_model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+    for (name, b), c in zip(planned_model.named_buffers(), reference.buffers()):
+        assert torch.equal(b, c), name
+    stats = step.move_stats
+    step.close()
+    return {"copies": stats.copies, "bytes": stats.bytes_to_fast + stats.bytes_to_slow, "rewrite": step.rewrite}
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = _small_cnn()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    graph = capture(model, (x,), y, lr=0.05)
+    prof = profile(graph, progress=False)
+    return model, x, y, graph, prof
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_every_formulation_runs_bitwise_equal(small, formulation: str) -> None:
+    model, x, y, graph, prof = small
+    limit = int(graph.peak_live_bytes * 0.6)
+    plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=60)
+    info = _check_equal_after_steps(model, x, y, plan, lr=0.05)
+    slow_storages = [tp for tp in plan.tensors if tp.initial == "slow" or plan.moves]
+    if formulation in ("static", "synchronous", "asynchronous", "numa") and slow_storages:
+        assert info["copies"] > 0  # the plan really put bytes in the slow tier
+
+
+def test_moves_are_in_the_rewritten_graph(small) -> None:
+    model, x, y, graph, prof = small
+    plan = optimize(graph, prof, formulation="synchronous", limit_bytes=int(graph.peak_live_bytes * 0.6))
+    step = compile_plan(plan, copy.deepcopy(model), lr=0.05)
+    step(x, y)
+    inserted = [n for n in step._module.graph.nodes if "autotm" in n.meta and "move" in n.meta["autotm"]]
+    planned = [n for n in inserted if n.meta["autotm"].get("planned", True)]
+    assert len(planned) == len([m for m in plan.moves])
+    assert step.rewrite.planned_moves == len(plan.moves)
+    step.close()
+
+
+def test_momentum_and_adam_state_runs_equal(small) -> None:
+    model, x, y, graph, prof = small
+    g_m = capture(model, (x,), y, lr=0.05, momentum=0.9)
+    plan = optimize(g_m, profile(g_m, progress=False), formulation="synchronous",
+                    limit_bytes=int(g_m.peak_live_bytes * 0.6))
+    _check_equal_after_steps(model, x, y, plan, lr=0.05, momentum=0.9)
+    g_a = capture(model, (x,), y, lr=0.01, optimizer="adam")
+    plan = optimize(g_a, profile(g_a, progress=False), formulation="synchronous",
+                    limit_bytes=int(g_a.peak_live_bytes * 0.6))
+    _check_equal_after_steps(model, x, y, plan, lr=0.01, optimizer="adam")
+
+
+def test_plan_for_another_graph_is_refused(small) -> None:
+    model, x, y, graph, prof = small
+    plan = optimize(graph, prof, formulation="static", limit_bytes=graph.peak_live_bytes)
+    step = compile_plan(plan, copy.deepcopy(model), lr=0.05)
+    before = [p.detach().clone() for p in step.model.parameters()]
+    with pytest.raises(RunError, match="another graph"):
+        step(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))  # another batch size
+    assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters()))
+
+
+@pytest.mark.skipif(not HAS_PMEM, reason="libpmem is not installed")
+@pytest.mark.parametrize("name, batch", [("vgg19", 16), ("resnet50", 8)])
+def test_zoo_workloads_on_a_pmem_file_tier(name: str, batch: int, tmp_path) -> None:
+    """Every formulation on a file mapped through libpmem: the same parameters as unplanned."""
+    entry = zoo.get(name)
+    model, (x,), y = zoo.workload(name, batch, device="cpu")
+    graph = capture(model, (x,), y, lr=entry.lr)
+    prof = profile(graph, progress=False)  # costs from the modeled tier (the shipped cache)
+    limit = int(graph.peak_live_bytes * 0.5)
+    for formulation in ("static", "synchronous", "asynchronous", "numa"):
+        plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=120)
+        info = _check_equal_after_steps(model, x, y, plan, lr=entry.lr, steps=2, slow_tier=f"pmem:{tmp_path}")
+        assert info["bytes"] > 0, formulation

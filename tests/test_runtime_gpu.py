@@ -1,0 +1,44 @@
+"""CUDA plans (device memory fast, pinned host memory slow). Skipped without CUDA."""
+
+import copy
+
+import pytest
+import torch
+
+from autotm_py.graph import capture, zoo
+from autotm_py.optimizer import optimize
+from autotm_py.profiler import profile
+from autotm_py.runtime import compile as compile_plan
+from autotm_py.runtime import unplanned_step
+from autotm_py.runtime.step import spec_from_optimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("formulation", ["synchronous", "asynchronous"])
+def test_cuda_plan_matches_unplanned_step(formulation: str, tmp_path) -> None:
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    entry = zoo.get("resnet50")
+    model, (x,), y = zoo.workload("resnet50", 16, device="cuda")
+    graph = capture(model, (x,), y, lr=entry.lr, device="cuda")
+    prof = profile(graph, device="cuda", cache=str(tmp_path / "k.sqlite"), progress=False)
+    assert prof.device == "cuda"
+    budget = int(graph.peak_live_bytes * 0.5)
+    plan = optimize(graph, prof, formulation=formulation, limit_bytes=budget, time_limit=120)
+    assert plan.moves, "half the peak cannot be met without moving tensors"
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    step = compile_plan(plan, a, lr=entry.lr)
+    base = unplanned_step(b, spec_from_optimizer(None, entry.lr, "cross_entropy"), (x,), y)
+    for i in range(3):
+        torch.manual_seed(i)
+        la = step(x, y)
+        torch.manual_seed(i)
+        lb = base()
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    stats = step.move_stats
+    assert stats.bytes_to_fast + stats.bytes_to_slow > 0
+    if formulation == "asynchronous":
+        assert stats.bytes_async > 0
