@@ -7,6 +7,7 @@ their ratio; writes JSON + markdown under benchmarks/results/.
 
     python benchmarks/profile_accuracy.py                          # vgg19 batch 16 on CPU
     python benchmarks/profile_accuracy.py --workload resnet50:64 --device cuda
+    python benchmarks/profile_accuracy.py --workload resnet50:8 --fresh    # profile now, then the step
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--runs", type=int, default=3, help="timed whole-step runs (after one warm-up)")
     ap.add_argument("--cache", default=None, help="kernel cache file or folder (default: kernels_cache/)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="profile into a new temporary cache right before the step is timed, so both "
+                         "are measured under the same machine load")
     ap.add_argument("--out", default="benchmarks/results/profile_accuracy")
     args = ap.parse_args()
 
@@ -47,7 +51,12 @@ def main() -> None:
     for w in args.workload or ["vgg19:16"]:
         name, _, batch = w.partition(":")
         graph = capture_workload(name, int(batch) if batch else None, device=args.device)
-        prof = profile(graph, device=args.device, cache=args.cache, progress=sys.stderr.isatty())
+        cache = args.cache
+        if args.fresh:
+            import tempfile
+
+            cache = pathlib.Path(tempfile.mkdtemp(prefix="autotm-accuracy-")) / "profile.sqlite"
+        prof = profile(graph, device=args.device, cache=cache, progress=sys.stderr.isatty())
         step, busy = _cpu_others_busy(lambda: measure_step(graph, args.device, warmup=1, runs=args.runs))
         predicted = prof.all_fast_seconds
         row = {

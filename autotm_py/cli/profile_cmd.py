@@ -94,8 +94,6 @@ def profile_cmd(model: str, batch: int | None, device: str, slow_tier: str | Non
     if as_json:
         emit_json(summary)
         return
-    for n in s["notices"]:
-        err_console.print(f"[yellow]note:[/] {n}", highlight=False)
     table = Table(title=f"profile of {graph.name}, batch {graph.batch}, {device} ({prof.slow_tier})",
                   show_header=False)
     table.add_column("what")

@@ -192,6 +192,11 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
     if prof.stats["configs_measured"] and wall > 1 and others > 0.25:
         stats["notices"] = [*stats["notices"], f"other processes kept {others:.1f} CPU cores busy "
                             "while profiling: the timings taken now are inflated"]
+    if progress and stats["notices"]:
+        from rich.console import Console
+
+        for n in stats["notices"]:
+            Console(stderr=True).print(f"[yellow]note:[/] {n}", highlight=False)
     return dataclasses.replace(prof, stats=stats)
 
 
