@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS kernels (
     created REAL NOT NULL,
     PRIMARY KEY (device_fp, signature, mask_key)
 );
+CREATE TABLE IF NOT EXISTS workspaces (
+    device_fp TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (device_fp, signature)
+);
 CREATE TABLE IF NOT EXISTS bandwidths (
     device_fp TEXT NOT NULL,
     tier TEXT NOT NULL,
@@ -167,6 +173,15 @@ class KernelCache:
                 (row.device_fp, row.signature, row.mask_key, row.op, row.seconds, row.n_runs,
                  int(row.modeled), row.error, row.created or time.time()))
 
+    def workspaces(self, device_fp: str) -> dict[str, int]:
+        """Transient device bytes per kernel signature (CUDA)."""
+        cur = self.conn.execute("SELECT signature, bytes FROM workspaces WHERE device_fp = ?", (device_fp,))
+        return {r[0]: int(r[1]) for r in cur}
+
+    def put_workspace(self, device_fp: str, signature: str, nbytes: int) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO workspaces VALUES (?, ?, ?)", (device_fp, signature, int(nbytes)))
+
     def count_kernels(self, device_fp: str | None = None) -> int:
         if device_fp is None:
             return self.conn.execute("SELECT COUNT(*) FROM kernels").fetchone()[0]
@@ -202,7 +217,9 @@ class KernelCache:
                                               "modeled, error, created FROM kernels ORDER BY 1, 2, 3")]
         bws = [{"device_fp": r[0], "tier": r[1], "bandwidths": json.loads(r[2]), "created": r[3]}
                for r in self.conn.execute("SELECT device_fp, tier, data, created FROM bandwidths ORDER BY 1, 2")]
-        return {"format": MAGIC, "schema": SCHEMA, "kernels": kernels, "bandwidths": bws}
+        ws = [{"device_fp": r[0], "signature": r[1], "bytes": r[2]}
+              for r in self.conn.execute("SELECT device_fp, signature, bytes FROM workspaces")]
+        return {"format": MAGIC, "schema": SCHEMA, "kernels": kernels, "bandwidths": bws, "workspaces": ws}
 
     def import_json(self, data: Mapping[str, Any]) -> tuple[int, int]:
         """Add the rows of an export; rows already here are kept. Returns (added, skipped)."""
@@ -220,6 +237,11 @@ class KernelCache:
                         (str(d["device_fp"]), str(d["signature"]), str(d["mask_key"]), str(d["op"]),
                          None if d["seconds"] is None else float(d["seconds"]), int(d["n_runs"]),
                          int(bool(d["modeled"])), d.get("error"), float(d.get("created") or time.time())))
+                    added += cur.rowcount
+                    skipped += 1 - cur.rowcount
+                for d in data.get("workspaces", []):
+                    cur = self.conn.execute("INSERT OR IGNORE INTO workspaces VALUES (?, ?, ?)",
+                                            (str(d["device_fp"]), str(d["signature"]), int(d["bytes"])))
                     added += cur.rowcount
                     skipped += 1 - cur.rowcount
                 for d in data.get("bandwidths", []):

@@ -44,6 +44,7 @@ class TimingPolicy:
 class Timing:
     seconds: float  # median of the timed runs
     runs: int
+    workspace: int = 0  # transient device bytes beyond inputs and outputs (CUDA only)
 
 
 def time_call(fn: Callable[[], Any], policy: TimingPolicy, device: str = "cpu") -> Timing:
@@ -85,6 +86,19 @@ def _time_cuda(fn: Callable[[], Any], policy: TimingPolicy) -> Timing:
         total += dt
         runs += inner
     return Timing(statistics.median(times), runs)
+
+
+def cuda_workspace(fn: Callable[[], Any]) -> int:
+    """Device bytes a call needs beyond what it returns: its peak allocation minus what is
+    still allocated once it is done (its outputs). cuDNN convolutions choose algorithms with
+    large workspaces, which a plan must leave room for."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+    del out
+    return max(int(extra), 0)
 
 
 def resolve_op(name: str) -> torch._ops.OpOverload:
@@ -241,6 +255,8 @@ def time_kernel(kernel: Kernel, slow: frozenset[int], tier: Any, device: str, po
         try:
             call = prepare_call(kernel, slow, fast, slow_alloc, dev, use_out=use_out)
             timing = time_call(call.fn, policy, device)
+            if device == "cuda":
+                timing = Timing(timing.seconds, timing.runs, cuda_workspace(call.fn))
         except ReplayError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failing kernel becomes a recorded reason

@@ -248,6 +248,7 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
 
     # ---- measure what the cache lacks, committing each result -----------------------------
     measured = 0
+    workspaces = kc.workspaces(fp) if device == "cuda" else {}
     with _progress(progress, len(todo)) as advance:
         for sig, k, missing in todo:
             for job in missing:
@@ -255,6 +256,9 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
                 try:
                     t = time_kernel(k, slow, tier, device, policy, use_out=job.variant == "out")
                     row = KernelRow(fp, sig, job.key(tier.key), k.op, t.seconds, t.runs)
+                    if device == "cuda" and job.mask == 0:
+                        kc.put_workspace(fp, sig, t.workspace)
+                        workspaces[sig] = t.workspace
                 except ReplayError as exc:
                     row = KernelRow(fp, sig, job.key(tier.key), k.op, None, 0, error=str(exc))
                 except TierError:
@@ -295,7 +299,7 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
             times[m], est = _real_time(rows, sig, tier.key, m, t0, k, bw)
             modeled = modeled or est
             any_modeled = any_modeled or est
-        costs.append(KernelCost(k.index, k.storages, times, modeled=modeled))
+        costs.append(KernelCost(k.index, k.storages, times, modeled=modeled, workspace=workspaces.get(sig, 0)))
     unique = len(groups)
     stats = {
         "compute_kernels": len(graph.compute_kernels),

@@ -23,6 +23,7 @@ class KernelCost:
     storages: tuple[int, ...]
     times: Mapping[int, float]  # mask -> seconds; always holds mask 0
     modeled: bool = False
+    workspace: int = 0  # bytes the kernel allocates and frees while it runs (cuDNN workspaces)
 
     def time(self, mask: int = 0) -> float:
         return self.times[mask]
