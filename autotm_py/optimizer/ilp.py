@@ -31,6 +31,7 @@ import numpy as np
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
+from .limits import kernel_workspace
 from .flowgraph import (NONE, READ, WRITE, FlowGraphs, build_flow_graphs, fast_expression_ids,
                         gadget_expressions)
 
@@ -269,7 +270,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
     N = len(nonview)
     m_col0 = ncols
     ncols += N
-    fixed = fixed_live_bytes(graph, fg.storages)[nonview]
+    # a kernel's workspace needs room next to everything live at it
+    fixed = (fixed_live_bytes(graph, fg.storages) + kernel_workspace(profile))[nonview]
     col_lo.append(np.zeros(N))
     col_hi.append((limit_bytes - fixed) / BYTE_UNIT)
     integ.append(np.zeros(N, dtype=bool)); cost.append(np.zeros(N))

@@ -99,8 +99,14 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
     else:
         need = fixed + io_need
     is_view = np.array([k.view for k in graph.kernels], dtype=bool)
+    need = need + kernel_workspace(profile)
     need[is_view] = fixed[is_view]
     return need, fixed
+
+
+def kernel_workspace(profile: Profile) -> np.ndarray:
+    """Transient bytes each kernel allocates while it runs (cuDNN workspaces; 0 on CPU)."""
+    return np.array([c.workspace for c in profile.kernels], dtype=np.int64)
 
 
 def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synchronous", *,
