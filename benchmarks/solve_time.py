@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--gap", type=float, default=0.01)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="Keep the rows of other networks from an earlier solve_time.json.")
     args = ap.parse_args()
     forms = args.formulations.split(",")
     rows = []
@@ -72,6 +74,11 @@ def main() -> None:
             print(f"  {f:13s} {row.get('status')}: build {row.get('build_seconds', 0):.2f} s, solve "
                   f"{row.get('solve_seconds', 0):.2f} s, gap {row.get('gap', math.nan):.4f}, slowdown "
                   f"x{row.get('slowdown', math.nan):.3f}", flush=True)
+    old_path = os.path.join(args.out, "solve_time.json")
+    if args.merge and os.path.exists(old_path):
+        ran = {r["model"] for r in rows}
+        with open(old_path) as fh:
+            rows = [r for r in json.load(fh)["rows"] if r["model"] not in ran] + rows
     geo = {}
     for f in forms:
         xs = [r["slowdown"] for r in rows if r["formulation"] == f and "slowdown" in r]

@@ -108,7 +108,6 @@ def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Soluti
         storage = int(fg.storages[p])
         nb = int(fg.nbytes[p])
         dst = fg.e_dst[path]
-        src = fg.e_src[path]
         initial = SLOW if dst[0] % 3 == PMEM else FAST
         segs: list[tuple[int, str, str]] = []
         # the during-vertex of gadget q is the last path vertex of q; its out-edge says "after"
@@ -125,7 +124,6 @@ def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Soluti
             moves.append(Move(storage, "to_fast" if fg.e_kind[e] == READ else "to_slow",
                               "async" if fg.e_async[e] else "sync",
                               int(fg.g_kernel[fg.e_gadget[e]]), nb))
-        del src
     masks = [0] * len(graph.kernels)
     chosen = model.cfg_col < 0
     chosen[~chosen] = x[model.cfg_col[~chosen]] > 0.5

@@ -57,7 +57,7 @@ class Model:
     # bookkeeping for decoding a solution
     fg: FlowGraphs
     cfg_kernel: np.ndarray  # per allowed configuration: kernel, mask, column (-1 = constant)
-    cfg_mask: np.ndarray
+    cfg_mask: np.ndarray  # object array of Python ints
     cfg_col: np.ndarray
     m_col0: int  # first M column; M of non-view kernel j is m_col0 + j
     nonview: np.ndarray  # kernel index of each non-view position
@@ -231,7 +231,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
             cfg_k += [int(k)] * len(masks); cfg_m += masks; cfg_c += cols
             kernel_time_terms[int(k)] = (cols, [kc.times[m] for m in masks], 0.0)
     cfg_kernel = np.array(cfg_k, dtype=np.int64)
-    cfg_mask = np.array(cfg_m, dtype=np.int64)
+    cfg_mask = np.array(cfg_m, dtype=object)  # Python ints: a concat may touch > 63 storages
     cfg_col = np.array(cfg_c, dtype=np.int64)
     nvar = cfg_col >= 0
     col_lo.append(np.zeros(nvar.sum())); col_hi.append(np.ones(nvar.sum()))
@@ -245,7 +245,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
     if link_p:
         lp, lk, lj = np.array(link_p), np.array(link_k), np.array(link_j)
         single = np.zeros(K, dtype=bool)
-        single_mask = np.zeros(K, dtype=np.int64)
+        single_mask = np.zeros(K, dtype=object)
         single[cfg_kernel[~nvar]] = True
         single_mask[cfg_kernel[~nvar]] = cfg_mask[~nvar]
         const = np.where(single[lk], 1 - ((single_mask[lk] >> lj) & 1), 0).astype(float)
@@ -263,7 +263,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
         own = np.repeat(np.arange(len(lk)), lens)
         offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
         idx = kstart[own] + offs
-        clear = ((cm[idx] >> lj[own]) & 1) == 0
+        clear = (((cm[idx] >> lj[own]) & 1) == 0).astype(bool)
         rows.add(lrow[own[clear]], cc[idx[clear]], 1.0)
 
     # ---- capacity as a running total over non-view kernels -------------------------
