@@ -221,8 +221,10 @@ def run_case(name: str, batch: int, cap_fraction: float, *, steps: int = 5, time
         f"cap {cap / 2**30:.2f} GiB ({cap_fraction:.0%}); T_f {t_f:.3f} s, T_b {t_b:.3f} s")
     graph = capture(model, (x,), y, lr=entry.lr, device=device, name=name, batch=batch)
     t0 = time.perf_counter()
-    prof = profile(graph, device="cuda", cache=cache, progress=False)
-    log(f"  profile: {time.perf_counter() - t0:.1f} s, predicted all-fast step {prof.all_fast_seconds:.3f} s")
+    prof = profile(graph, device="cuda", cache=cache, progress=False,
+                   cudnn_benchmark=torch.backends.cudnn.benchmark)
+    log(f"  profile: {time.perf_counter() - t0:.1f} s, predicted all-fast step {prof.all_fast_seconds:.3f} s, "
+        f"largest workspace {max(c.workspace for c in prof.kernels) / 2**30:.2f} GiB")
     big = 1 << 30
     h2d = prof.bandwidths.bandwidth(big, "read")
     d2h = prof.bandwidths.bandwidth(big, "write")
@@ -289,7 +291,8 @@ def run_oversized(name: str, batch: int, budget: int, *, steps: int = 3, time_li
     graph = capture(model, (x,), y, lr=entry.lr, device=device, name=name, batch=batch)
     log(f"{name} batch {batch}: unplanned peak {graph.peak_live_bytes / 2**30:.1f} GiB, "
         f"device {total / 2**30:.1f} GiB, budget {budget / 2**30:.1f} GiB")
-    prof = profile(graph, device="cuda", cache=cache, progress=False)
+    prof = profile(graph, device="cuda", cache=cache, progress=False,
+                   cudnn_benchmark=torch.backends.cudnn.benchmark)
     r = autotm_run(graph, prof, model, entry.lr, x, y, formulation, budget, total, steps, time_limit, log=log)
     del model, x, y
     _reset(None)

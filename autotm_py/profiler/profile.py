@@ -153,13 +153,15 @@ def _failure_estimate(kernel: Kernel, bw: Bandwidths) -> float:
 def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cache: Any = None, *,
             progress: bool = True, policy: TimingPolicy = KERNEL_POLICY,
             on_measurement: Callable[[int], None] | None = None,
-            bandwidth_sizes: tuple[int, ...] = bwmod.DEFAULT_SIZES) -> Profile:
+            bandwidth_sizes: tuple[int, ...] = bwmod.DEFAULT_SIZES, cudnn_benchmark: bool = True) -> Profile:
     """Time every kernel of `graph` under its IO configurations, through the kernel cache.
 
     `slow_tier`: "model", "pmem:PATH" or "numa:NODE" on CPU (None: a memory-only NUMA node if
     there is one, else "model"); CUDA uses pinned host memory. `cache`: a cache file or folder,
     an open KernelCache, or None for AUTOTM_CACHE / the project's kernels_cache/.
-    `on_measurement(n)` is called after the n-th new measurement is committed."""
+    `on_measurement(n)` is called after the n-th new measurement is committed.
+    `cudnn_benchmark=False` profiles cuDNN's heuristic algorithm choice instead of the
+    benchmarked one (smaller workspaces); its rows are kept apart in the cache."""
     start = time.perf_counter()
     busy0 = _cpu_busy()
     if device not in ("cpu", "cuda"):
@@ -169,7 +171,7 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
             raise ValueError("device cuda was asked for, but this machine has no usable CUDA device")
         if slow_tier not in (None, "pinned"):
             raise ValueError("on CUDA the slow tier is pinned host memory; drop --slow-tier")
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         tier: Any = ModelTier(spec="pinned", key="pinned", modeled=False, note="pinned host memory")
     else:
         tier = open_slow_tier(slow_tier)
@@ -177,8 +179,9 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
     own_cache = not isinstance(cache, KernelCache)
     kc = KernelCache.open(cache, device) if own_cache else cache
     try:
+        fp = device_fingerprint(device) + ("" if cudnn_benchmark or device != "cuda" else "|cudnn=heuristic")
         prof = _profile(graph, device, tier, real_tier, kc, progress, policy, on_measurement,
-                        bandwidth_sizes, start)
+                        bandwidth_sizes, start, fp)
     finally:
         if own_cache:
             kc.close()
@@ -202,8 +205,7 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
 
 def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCache, progress: bool,
              policy: TimingPolicy, on_measurement: Callable[[int], None] | None,
-             bandwidth_sizes: tuple[int, ...], start: float) -> Profile:
-    fp = device_fingerprint(device)
+             bandwidth_sizes: tuple[int, ...], start: float, fp: str) -> Profile:
     notices = [n for n in (kc.notice,) if n]
     # ---- bandwidths (cached per device and tier) -----------------------------------------
     bw_tier = "dram" if tier.key == "model" else tier.key
