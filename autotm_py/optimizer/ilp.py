@@ -271,7 +271,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
     m_col0 = ncols
     ncols += N
     # a kernel's workspace needs room next to everything live at it
-    fixed = (fixed_live_bytes(graph, fg.storages) + kernel_workspace(profile))[nonview]
+    ws = kernel_workspace(graph, profile, formulation, limit_bytes, move_state=move_state)
+    fixed = (fixed_live_bytes(graph, fg.storages) + ws)[nonview]
     col_lo.append(np.zeros(N))
     col_hi.append((limit_bytes - fixed) / BYTE_UNIT)
     integ.append(np.zeros(N, dtype=bool)); cost.append(np.zeros(N))

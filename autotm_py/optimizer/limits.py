@@ -99,14 +99,21 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
     else:
         need = fixed + io_need
     is_view = np.array([k.view for k in graph.kernels], dtype=bool)
-    need = need + kernel_workspace(profile)
     need[is_view] = fixed[is_view]
     return need, fixed
 
 
-def kernel_workspace(profile: Profile) -> np.ndarray:
-    """Transient bytes each kernel allocates while it runs (cuDNN workspaces; 0 on CPU)."""
-    return np.array([c.workspace for c in profile.kernels], dtype=np.int64)
+def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_bytes: int, *,
+                     move_state: bool = False) -> np.ndarray:
+    """Room each kernel's transient allocations (cuDNN workspaces; 0 on CPU) get next to the
+    tensors live at it: the measured workspace where it fits beside what the kernel needs in
+    any case, else what is left. cuDNN falls back to algorithms with smaller workspaces when
+    memory is short, so a workspace is a wish, not a requirement."""
+    ws = np.array([c.workspace for c in profile.kernels], dtype=np.int64)
+    if not ws.any():
+        return ws
+    need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
+    return np.minimum(ws, np.maximum(0, limit_bytes - need))
 
 
 def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synchronous", *,
