@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import capture, zoo
-from ..optimizer import optimize
+from ..optimizer import Infeasible, optimize
 from ..runtime import compile as compile_plan
 from ..runtime.step import median, time_steps
 
@@ -176,7 +176,12 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
     attempts = []
     for attempt in range(max_retries + 1):
         t0 = time.perf_counter()
-        plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit)
+        try:
+            plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit)
+        except Infeasible as exc:
+            attempts.append({"limit": limit, "status": "infeasible", "reason": str(exc)})
+            log(f"  autotm {formulation} attempt {attempt}: limit {limit / 2**30:.2f} GiB is infeasible")
+            break
         solve = time.perf_counter() - t0
         step = compile_plan(plan, model, lr=lr)
         status, secs, peak = _measure(lambda: step(x, y), steps, x.device, cap / total)
@@ -194,9 +199,10 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
         overshoot = (peak / cap - 1) if status == "ok" else 0.1
         limit = int(limit * min(0.98, max(0.90, 1 - overshoot / 2)))
         del step
-    return MethodResult(f"autotm {formulation}", attempts[-1]["status"] if attempts[-1]["status"] != "ok"
-                        else "over the cap", math.nan, attempts[-1]["peak"], math.nan,
-                        f"{max_retries} re-solves did not fit", {"attempts": attempts})
+    last = attempts[-1]
+    return MethodResult(f"autotm {formulation}", last["status"] if last["status"] != "ok" else "over the cap",
+                        math.nan, last.get("peak", 0), math.nan,
+                        f"{len(attempts) - 1} re-solve(s) did not fit", {"attempts": attempts})
 
 
 def run_case(name: str, batch: int, cap_fraction: float, *, steps: int = 5, time_limit: float = 120.0,
