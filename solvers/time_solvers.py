@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=0.01)
     ap.add_argument("--only", default="")
     args = ap.parse_args()
-    lines = ["| instance | solver | status | objective (ms) | gap | seconds |", "|---|---|---|---:|---:|---:|"]
+    lines = ["| instance | solver | status | objective (ms) | gap | seconds | time limit s |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for gz in sorted(glob.glob(os.path.join(HERE, "*.mps.gz"))):
         if args.only and args.only not in gz:
             continue
@@ -68,11 +69,20 @@ def main() -> None:
             for name, fn in (("highs", run_highs), ("cbc", run_cbc)):
                 r = fn(mps, args.time_limit, args.gap)
                 line = (f"| {os.path.basename(gz)} | {name} | {r['status']} | {r['objective']:.6g} | "
-                        f"{r['gap']:.4f} | {r['seconds']:.1f} |")
+                        f"{r['gap']:.4f} | {r['seconds']:.1f} | {args.time_limit:.0f} |")
                 print(line, flush=True)
                 lines.append(line)
-    with open(os.path.join(HERE, "timings.md"), "w") as fh:
-        fh.write("# HiGHS and CBC on the AutoTM instances\n\n" + "\n".join(lines) + "\n")
+    # keep earlier rows of instances not timed in this run
+    path = os.path.join(HERE, "timings.md")
+    done = {tuple(x.split("|")[1:3]) for x in lines[2:]}
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = [x.rstrip("\n") for x in fh if x.startswith("| ") and ".mps.gz" in x and x.count("|") == 8]
+        lines += [x for x in old if tuple(x.split("|")[1:3]) not in done]
+    with open(path, "w") as fh:
+        fh.write(f"# HiGHS and CBC on the AutoTM instances\n\nRelative gap {args.gap:.0%}, "
+                 f"{os.cpu_count()} cores; objective in ms of predicted step time.\n\n"
+                 + "\n".join(lines[:2] + sorted(lines[2:])) + "\n")
 
 
 if __name__ == "__main__":
