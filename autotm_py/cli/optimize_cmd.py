@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -150,7 +149,6 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
     plans: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for f in forms:
-        t0 = time.perf_counter()
         try:
             if not as_json:
                 console.print(f"[dim]solving {f} ...[/]", highlight=False)
@@ -167,7 +165,6 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
             continue
         verify(plan, graph, prof)
         plans[f] = plan
-        del t0
     if not plans:
         raise UserError(next(iter(errors.values())))
     if out:
