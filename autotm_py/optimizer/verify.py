@@ -7,8 +7,8 @@ the Profile and every claim in it is checked.
 * kernel IO is resident where required: on CUDA every input and output of every kernel is
   in device memory; on CPU the kernel's mask is the one the placements imply and it was
   profiled (baselines may use unprofiled masks, priced by `plan.kernel_seconds`);
-* fast-memory use recomputed at every kernel, async fetches in flight included, stays
-  within the limit and equals the plan's `fast_bytes`;
+* fast-memory use recomputed at every kernel, async fetches in flight included, plus the
+  kernel's workspace (CUDA), stays within the limit; the tensors' part equals `fast_bytes`;
 * the predicted time recomputed from the plan matches the plan and the solver objective.
 """
 
@@ -21,6 +21,7 @@ import numpy as np
 from ..graph.types import Graph
 from ..profiler.types import Profile
 from .flowgraph import NONE, READ, build_flow_graphs, edge_ids, walk
+from .limits import kernel_workspace
 from .plan import FAST, PLAN_SCHEMA, SLOW, Plan, fast_bytes_per_kernel, placement_mask, predict_seconds
 
 REL_TOL = 1e-6
@@ -107,11 +108,15 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
     # capacity at every kernel
     if form != "2lm":
         fb = fast_bytes_per_kernel(graph, plan.tensors)
-        over = np.flatnonzero(fb > plan.limit_bytes)
+        need = fb + kernel_workspace(profile)  # a kernel's workspace needs room while it runs
+        if form == "numa":
+            need = fb
+        over = np.flatnonzero(need > plan.limit_bytes)
         if len(over):
             k = int(over[0])
-            out.append(f"fast memory at kernel #{k} {graph.kernels[k].node} is {int(fb[k]):,} bytes, "
-                       f"over the limit of {plan.limit_bytes:,} ({len(over)} kernels over)")
+            out.append(f"fast memory at kernel #{k} {graph.kernels[k].node} is {int(need[k]):,} bytes "
+                       f"(workspace included), over the limit of {plan.limit_bytes:,} "
+                       f"({len(over)} kernels over)")
         if not np.array_equal(fb, np.asarray(plan.fast_bytes, dtype=np.int64)):
             k = int(np.flatnonzero(fb != np.asarray(plan.fast_bytes))[0])
             out.append(f"the plan says {plan.fast_bytes[k]:,} bytes of fast memory at kernel #{k}, "
