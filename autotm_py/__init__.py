@@ -1,6 +1,6 @@
 """autotm-py: AutoTM's profile-guided tensor placement and movement, on PyTorch.
 
-Pipeline: capture (Graph) -> profile (Profile) -> optimize (Plan) -> compile/run.
+Pipeline: capture (Graph) -> profile (Profile) -> optimize (Plan) -> compile (a planned step).
 """
 
 from __future__ import annotations
@@ -27,4 +27,12 @@ def optimize(graph: Graph, profile: Any, **kwargs: Any):
     return _optimize(graph, profile, **kwargs)
 
 
-__all__ = ["CaptureError", "Graph", "capture", "optimize", "profile", "zoo", "__version__"]
+def compile(plan: Any, model: Any, optimizer: Any = None, **kwargs: Any):
+    """A training step for `model` that runs `plan`: `loss = step(inputs, target)` updates the
+    model's parameters (and `optimizer`'s state) in place (see autotm_py.runtime.compile)."""
+    from .runtime import compile as _compile
+
+    return _compile(plan, model, optimizer, **kwargs)
+
+
+__all__ = ["CaptureError", "Graph", "capture", "compile", "optimize", "profile", "zoo", "__version__"]
