@@ -108,9 +108,10 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
     # capacity at every kernel
     if form != "2lm":
         fb = fast_bytes_per_kernel(graph, plan.tensors)
-        need = fb + kernel_workspace(profile)  # a kernel's workspace needs room while it runs
-        if form == "numa":
-            need = fb
+        need = fb
+        if form != "numa":  # a kernel's workspace needs room while it runs (as in the ILP)
+            need = fb + kernel_workspace(graph, profile, form, plan.limit_bytes,
+                                         move_state=plan.move_state)
         over = np.flatnonzero(need > plan.limit_bytes)
         if len(over):
             k = int(over[0])
