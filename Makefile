@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/autotm graph vgg19 --batch 16
+	$(BIN)/autotm optimize vgg19 --ratio 1:4 --formulation all
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

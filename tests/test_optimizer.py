@@ -233,8 +233,11 @@ def test_ratio_parsing():
         with pytest.raises(ValueError):
             parse_ratio(bad)
     g = chain_graph()
-    assert limit_from_ratio(g, "1:4") == round(g.peak_live_bytes / 5)
+    fixed = sum(t.nbytes for t in g.tensors if t.fixed)
+    assert limit_from_ratio(g, "1:4") == round(fixed + (g.peak_live_bytes - fixed) / 5)
+    assert limit_from_ratio(g, "1:4", move_state=True) == round(g.peak_live_bytes / 5)
     assert limit_from_ratio(g, "1:0") == g.peak_live_bytes
+    assert limit_from_ratio(g, "0:1") == fixed
 
 
 def test_infeasible_limit_is_explained():

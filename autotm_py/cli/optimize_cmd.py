@@ -141,7 +141,7 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
                           f"(x{plan.slowdown:.3f} of all fast memory)")
         return
     prof = _get_profile(graph, device, estimate, slow_tier, cache, as_json)
-    limit_bytes = limit if limit is not None else limit_from_ratio(graph, ratio)  # type: ignore[arg-type]
+    limit_bytes = limit if limit is not None else limit_from_ratio(graph, ratio, move_state=move_state)  # type: ignore[arg-type]
     if formulation == "all":
         forms = ["static", "synchronous", "asynchronous"] + (["numa", "2lm"] if device == "cpu" else [])
     else:

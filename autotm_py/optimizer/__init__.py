@@ -26,7 +26,7 @@ def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous"
     if (limit_bytes is None) == (ratio is None):
         raise ValueError("give exactly one fast-memory limit: limit_bytes or ratio")
     if ratio is not None:
-        limit_bytes = limit_from_ratio(graph, ratio)
+        limit_bytes = limit_from_ratio(graph, ratio, move_state=move_state)
     assert limit_bytes is not None
     if limit_bytes < 0:
         raise ValueError(f"the fast-memory limit must be non-negative, got {limit_bytes}")

@@ -32,10 +32,15 @@ def parse_ratio(text: str) -> tuple[float, float]:
     return vals[0], vals[1]
 
 
-def limit_from_ratio(graph: Graph, ratio: str) -> int:
-    """Fast-memory bytes for a fast:slow ratio of the unplanned peak."""
+def limit_from_ratio(graph: Graph, ratio: str, *, move_state: bool = False) -> int:
+    """Fast-memory bytes for a fast:slow ratio of the unplanned peak. The ratio splits what a
+    plan can place: state that stays in fast memory (parameters, buffers, optimizer state, the
+    batch; live throughout, so part of the peak) is added whole unless `move_state`. This is
+    the paper's ratio, whose limit covered the movable tensors only."""
     fast, slow = parse_ratio(ratio)
-    return int(round(graph.peak_live_bytes * fast / (fast + slow)))
+    fixed = 0 if move_state else sum(t.nbytes for t in graph.tensors if t.fixed)
+    movable = max(graph.peak_live_bytes - fixed, 0)
+    return int(round(fixed + movable * fast / (fast + slow)))
 
 
 def _fixed_live(graph: Graph, free: set[int]) -> np.ndarray:
