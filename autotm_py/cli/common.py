@@ -54,6 +54,7 @@ def main_group() -> None:
       autotm graph vgg19 --batch 16              # kernels, tensors, peak live bytes
       autotm profile vgg19 --batch 16            # kernel timings into the cache
       autotm optimize vgg19 --ratio 1:4          # DRAM:slow = 1:4 (the paper's 4:1 PMM:DRAM)
+      autotm run vgg19 --plan plan.json          # run a plan: measured against predicted
     """
 
 
