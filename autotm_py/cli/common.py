@@ -12,7 +12,8 @@ from typing import Any, Callable
 import click
 from rich.console import Console
 
-console = Console(stderr=False)
+# Rich folds tables to 80 columns when output is not a terminal (make, CI, pipes): allow wider.
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 
