@@ -139,12 +139,3 @@ def check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for, but this machine has no usable CUDA device")
-
-
-def fail(message: str) -> None:
-    """Print one sentence and exit non-zero."""
-    raise UserError(message)
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -7,10 +7,10 @@ paper-sized workload is captured on a small machine.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -271,7 +271,7 @@ def _schema_aliases(target: Any, args: Any, kwargs: Any) -> dict[int, torch.fx.N
 
 
 def graph_from_fx(gm: torch.fx.GraphModule, layout: StepLayout, *, name: str, batch: int | None,
-                  device: str, capture_seconds: float = 0.0, by_storage: bool = True) -> Graph:
+                  device: str, by_storage: bool = True) -> Graph:
     """Turn the traced module into a Graph: storages, kernels, users, live ranges.
 
     Aliasing comes from the fake tensors' shared storages (`by_storage`). A real-mode trace
@@ -382,7 +382,7 @@ def graph_from_fx(gm: torch.fx.GraphModule, layout: StepLayout, *, name: str, ba
             last = max(users) if users else first
         tensors.append(Tensor(sid, d["name"], d["nbytes"], d["dtype"], role, d["producer"],
                               users, first, last))
-    return Graph(name, batch, device, tuple(kernels), tuple(tensors), capture_seconds, module=gm)
+    return Graph(name, batch, device, tuple(kernels), tuple(tensors), module=gm)
 
 
 def _flat(x: Any) -> list[Any]:
@@ -415,9 +415,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         batch = int(example_inputs[0].shape[0]) if example_inputs[0].dim() else None
     graph = graph_from_fx(gm, layout, name=name or type(model).__name__, batch=batch,
                           device=dev_name, by_storage=fake)
-    seconds = time.perf_counter() - start
-    return Graph(graph.name, graph.batch, graph.device, graph.kernels, graph.tensors, seconds,
-                 module=gm)
+    return dataclasses.replace(graph, capture_seconds=time.perf_counter() - start)
 
 
 def capture_function(fn: Callable[..., Any], *inputs: torch.Tensor, name: str = "function",
@@ -433,9 +431,4 @@ def capture_function(fn: Callable[..., Any], *inputs: torch.Tensor, name: str = 
         raise CaptureError(f"the function could not be traced{f' at {op}' if op else ''}: {_reason(exc, op)}") from exc
     g = graph_from_fx(gm, layout, name=name, batch=None, by_storage=fake,
                       device=str(inputs[0].device.type) if inputs else "cpu")
-    return Graph(g.name, g.batch, g.device, g.kernels, g.tensors, time.perf_counter() - start, module=gm)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One-line description of an unexpected exception (for the CLI)."""
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
+    return dataclasses.replace(g, capture_seconds=time.perf_counter() - start)
