@@ -19,7 +19,7 @@ import pathlib
 import torch
 
 from autotm_py.graph import capture, zoo
-from autotm_py.graph.capture import initial_state, step_layout, StepSpec
+from autotm_py.graph.capture import StepSpec, initial_state, step_arguments, step_layout
 
 
 def _gib(n: float) -> str:
@@ -56,9 +56,8 @@ def graph_peak(name: str, batch: int) -> tuple[int, int]:
     g = capture(model, inputs, target, lr=entry.lr, device="cuda", name=name, batch=batch)
     spec = StepSpec(lr=entry.lr)
     layout = step_layout(model, len(inputs), True, spec)
-    params = [p.detach().requires_grad_(False) for _, p in model.named_parameters()]
-    buffers = [b for _, b in model.named_buffers()]
-    flat = params + buffers + initial_state(spec, params) + list(inputs) + [target]
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = step_arguments(model, initial_state(spec, params), inputs, target)
     assert len(flat) == len(layout.roles)
     for i in range(2):
         if i == 1:
@@ -69,7 +68,7 @@ def graph_peak(name: str, batch: int) -> tuple[int, int]:
         del out
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    del model, flat, params, buffers, inputs, target
+    del model, flat, params, inputs, target
     torch.cuda.empty_cache()
     return g.peak_live_bytes, peak
 

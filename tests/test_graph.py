@@ -174,15 +174,13 @@ def test_captured_step_replays_the_eager_step_bitwise(name: str) -> None:
     (BatchNorm statistics and dropout included)."""
     import copy
 
-    from autotm_py.graph.capture import StepSpec, initial_state
+    from autotm_py.graph.capture import StepSpec, initial_state, step_arguments
 
     entry = zoo.get(name)
     model, inputs, target = zoo.workload(name, 2, device="cpu")
     reference = copy.deepcopy(model)
     g = capture(model, inputs, target, lr=entry.lr)
-    params = [p.detach() for _, p in model.named_parameters()]
-    buffers = [b for _, b in model.named_buffers()]
-    flat = params + buffers + initial_state(StepSpec(lr=entry.lr), params) + list(inputs) + [target]
+    flat = step_arguments(model, initial_state(StepSpec(lr=entry.lr), list(model.parameters())), inputs, target)
     torch.manual_seed(1)
     with torch.no_grad():
         loss = g.module(*flat)[0]

@@ -163,6 +163,16 @@ def step_layout(model: nn.Module, num_inputs: int, has_target: bool, spec: StepS
     )
 
 
+def step_arguments(model: nn.Module, state: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                   target: torch.Tensor | None) -> list[torch.Tensor]:
+    """The real tensors the captured step takes, in `StepLayout` order: the model's trainable
+    parameters (detached: the step updates them in place), buffers, optimizer state, the
+    inputs and the target."""
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    buffers = [b for _, b in model.named_buffers()]
+    return params + buffers + list(state) + list(inputs) + ([target] if target is not None else [])
+
+
 def _fake(t: torch.Tensor, mode: FakeTensorMode, device: torch.device) -> torch.Tensor:
     with mode:
         f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)

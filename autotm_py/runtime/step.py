@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..graph.capture import StepSpec, capture, initial_state, optimizer_state_names
+from ..graph.capture import StepSpec, capture, initial_state, optimizer_state_names, step_arguments
 from ..graph.types import Graph
 from ..optimizer.plan import Plan
 from .movers import CpuMover, CudaMover, Mover, SlowArena
@@ -138,9 +138,7 @@ class PlannedStep:
         if self._module is None:
             self.prepare(inputs, target)
         assert self._mover is not None
-        params = [p.detach() for p in self._params()]
-        buffers = [b for _, b in self.model.named_buffers()]
-        flat = params + buffers + self._state + list(inputs) + ([target] if target is not None else [])
+        flat = step_arguments(self.model, self._state, inputs, target)
         self._mover.begin_step()
         with torch.no_grad():
             (loss,) = self._module(*flat)
@@ -173,8 +171,7 @@ def unplanned_step(model: nn.Module, spec: StepSpec, inputs: Sequence[torch.Tens
     gm = graph.module
 
     def run() -> torch.Tensor:
-        flat = [p.detach() for p in params] + [b for _, b in model.named_buffers()] + state
-        flat += list(inputs) + ([target] if target is not None else [])
+        flat = step_arguments(model, state, inputs, target)
         with torch.no_grad():
             return gm(*flat)[0]
 
