@@ -1,0 +1,99 @@
+"""`autotm bench gpu`: the GPU comparison of `peers` (autotm against save_on_cpu and
+checkpointing under a memory cap) as one versioned report, and reading such reports back
+(also the unversioned ones `benchmarks/gpu_peers.py` writes) for `autotm plot gpu`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .results import ResultsError
+
+GPU_SCHEMA = 1
+GPU_KIND = "autotm-bench-gpu"
+DEFAULT_CASES = ("vgg19:256:0.5", "resnet152:256:0.5", "resnet152:256:0.2", "densenet201:128:0.5",
+                 "densenet201:128:0.2")
+REPORT_NAME = "gpu_peers.json"
+
+
+@dataclass(frozen=True)
+class GpuCase:
+    model: str
+    batch: int
+    cap_fraction: float
+
+
+def parse_case(text: str) -> GpuCase:
+    """'vgg19:256:0.5' -> GpuCase; an unknown model or a cap outside (0, 1] is a ValueError."""
+    from ..graph import zoo
+
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"the case {text!r} must be MODEL:BATCH:CAP, like vgg19:256:0.5")
+    name, batch, cap = parts
+    zoo.get(name)
+    try:
+        b, c = int(batch), float(cap)
+    except ValueError:
+        raise ValueError(f"the case {text!r} must be MODEL:BATCH:CAP with an integer batch and a fraction cap") from None
+    if b <= 0 or not 0 < c <= 1:
+        raise ValueError(f"the case {text!r} needs a positive batch and a cap in (0, 1]")
+    return GpuCase(name, b, c)
+
+
+def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: float = 120.0,
+            formulations: tuple[str, ...] = ("asynchronous", "synchronous"), cudnn_benchmark: bool = False,
+            cache: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run every case (peers.run_case) and write the report after each one."""
+    import os
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
+    import torch
+
+    from .peers import markdown, run_case
+
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REPORT_NAME
+    results = []
+    for c in cases:
+        results.append(run_case(c.model, c.batch, c.cap_fraction, steps=steps, time_limit=time_limit,
+                                formulations=formulations, cache=cache, log=log))
+        report = {"kind": GPU_KIND, "schema": GPU_SCHEMA, "device": torch.cuda.get_device_name(),
+                  "torch": torch.__version__, "cudnn_benchmark": cudnn_benchmark,
+                  "cases": [r.to_json() for r in results], "oversized": []}
+        path.write_text(json.dumps(report, indent=2, default=str))
+    path.with_suffix(".md").write_text(markdown(results))
+    return path
+
+
+def load_gpu_report(where: str | Path) -> Mapping[str, Any]:
+    """A GPU comparison report: a file, or a folder holding gpu/gpu_peers.json or gpu_peers.json."""
+    p = Path(where)
+    if p.is_dir():
+        found = [q for q in (p / "gpu" / REPORT_NAME, p / REPORT_NAME) if q.is_file()]
+        if not found:
+            raise ResultsError(f"the results folder {where} holds no GPU comparison ({REPORT_NAME}); "
+                               "run autotm bench gpu on a CUDA machine first")
+        p = found[0]
+    elif not p.is_file():
+        raise ResultsError(f"the GPU comparison report {where} does not exist")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ResultsError(f"{p} is not valid JSON") from None
+    if not isinstance(d, Mapping) or not isinstance(d.get("cases"), list):
+        raise ResultsError(f"{p} is not a GPU comparison report (it has no cases)")
+    if "schema" in d and d["schema"] != GPU_SCHEMA:
+        raise ResultsError(f"{p} was written with GPU report schema {d['schema']!r}, but this autotm-py reads "
+                           f"schema {GPU_SCHEMA}; run autotm bench gpu again to refresh it")
+    if not d["cases"]:
+        raise ResultsError(f"{p} holds no cases to plot")
+    return d
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
