@@ -1,0 +1,156 @@
+"""`autotm bench`: every experiment end to end on a tiny workload, the records against what
+optimize returns, the ratio conventions, and bad input as one sentence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from autotm_py.bench.experiments import CASE_STUDY_RATIOS, COMMON_RATIOS, Workload, capture_workload
+from autotm_py.bench.results import (SCHEMA, ResultsError, RunRecord, fast_fraction, geomean_slowdowns,
+                                     load_records, paper_ratio, ratio_from_paper, write_record)
+from autotm_py.cli import main_group
+
+TINY = "tests.workloads:tiny_mlp:64"
+
+
+def _bench(*args: str):
+    return CliRunner().invoke(main_group, ["bench", *args])
+
+
+def _json(output: str):
+    return json.loads(output[output.index("["):])
+
+
+@pytest.fixture(scope="module")
+def conventional(tmp_path_factory):
+    """The tiny conventional bench, planned with roofline times, as CLI JSON and as files."""
+    out = tmp_path_factory.mktemp("results")
+    r = _bench("conventional", "--models", TINY, "--ratios", "0:1,1:4,1:0",
+               "--formulations", "static,synchronous,numa,2lm", "--results", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    return out, _json(r.output)
+
+
+def test_paper_ratio_conventions() -> None:
+    assert [paper_ratio(r) for r in COMMON_RATIOS] == ["1:0", "8:1", "4:1", "1:1", "0:1"]
+    assert ratio_from_paper("4:1") == "1:4" and fast_fraction("1:4") == pytest.approx(0.2)
+    # the case study's DRAM fractions 1/1..1/10, 1/100, 1/80, 1/60, 1/40, 1/20, 2/3, 3/4, 0
+    want = [1 / n for n in range(1, 11)] + [1 / 100, 1 / 80, 1 / 60, 1 / 40, 1 / 20, 2 / 3, 3 / 4, 0.0]
+    assert len(CASE_STUDY_RATIOS) == 18
+    assert [fast_fraction(r) for r in CASE_STUDY_RATIOS] == pytest.approx(want)
+
+
+def test_conventional_records_match_optimize(conventional) -> None:
+    from autotm_py.optimizer import optimize
+    from autotm_py.optimizer.roofline import roofline_profile
+
+    folder, rows = conventional
+    assert len(rows) == 3 * 4 and all(r["status"] == "ok" for r in rows)
+    records = load_records(folder, "conventional")
+    assert len(records) == 12
+    rec = next(r for r in records if r.formulation == "synchronous" and r.ratio == "1:4")
+    assert rec.paper_ratio == "4:1" and rec.modeled and rec.measured_seconds is None
+    graph, _ = capture_workload(Workload("tests.workloads:tiny_mlp", 64))
+    plan = optimize(graph, roofline_profile(graph), formulation="synchronous", ratio="1:4", time_limit=120)
+    assert rec.slowdown == pytest.approx(plan.slowdown, rel=1e-9)
+    assert rec.predicted_seconds == pytest.approx(plan.predicted_seconds, rel=1e-9)
+    assert rec.limit_bytes == plan.limit_bytes and rec.bytes_moved == plan.bytes_moved
+    # the metrics of reference 7.3 travel with each record
+    assert rec.metrics["dram_limit"] == plan.limit_bytes
+    assert rec.metrics["bytes_moved"] + rec.metrics["bytes_async_moved"] == plan.bytes_moved
+    assert rec.metrics["num_kernels"] == len(graph.compute_kernels)
+    # all fast memory is no slower than all slow memory, and 1:0 costs nothing
+    at = {(r.formulation, r.ratio): r for r in records}
+    assert at["static", "1:0"].slowdown == pytest.approx(1.0)
+    assert at["static", "0:1"].predicted_seconds >= at["static", "1:0"].predicted_seconds
+    geo = geomean_slowdowns(records)
+    assert geo["synchronous", "1:4"] == (pytest.approx(rec.slowdown), 1)
+
+
+def test_measured_run_on_the_test_set(tmp_path) -> None:
+    out = tmp_path / "res"
+    r = _bench("conventional", "--set", "test", "--models", TINY, "--ratios", "1:4",
+               "--formulations", "static,2lm", "--cache", str(tmp_path / "k.sqlite"), "--results", str(out))
+    assert r.exit_code == 0, r.output
+    assert "measured" in r.output
+    recs = {r.formulation: r for r in load_records(out)}
+    static = recs["static"]
+    assert static.measured_seconds is not None and static.measured_seconds > 0
+    assert static.measured_all_fast_seconds is not None and static.measured_all_fast_seconds > 0
+    assert static.slow_tier == "model" and static.measured_steps == 1
+    assert static.profile.startswith("kernel cache")
+    assert recs["2lm"].measured_seconds is None  # a model of a hardware cache: nothing to run
+
+
+def test_case_study_and_large_end_to_end(tmp_path) -> None:
+    r = _bench("case-study", "--model", TINY, "--ratios", "1:0,1:4,0:1", "--results", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    cs = load_records(tmp_path, "case-study")
+    assert {(r.formulation, r.ratio) for r in cs} == {(f, q) for f in ("static", "synchronous")
+                                                      for q in ("1:0", "1:4", "0:1")}
+    r = _bench("large", "--models", TINY, "--limit", "4000B", "--results", str(tmp_path), "--json")
+    assert r.exit_code == 0, r.output
+    large = load_records(tmp_path, "large")
+    assert sorted(r.formulation for r in large) == ["2lm", "static", "synchronous"]
+    assert all(r.limit_bytes == 4000 and r.ratio is None and r.ok for r in large)
+
+
+def test_records_round_trip_and_older_schema(tmp_path) -> None:
+    rec = RunRecord("conventional", "m", 2, "static", "1:4", "4:1", 10, "ok", "p", True, 100, 1, 1, 3,
+                    predicted_seconds=2.0, all_fast_seconds=1.0, slowdown=2.0)
+    bad = RunRecord("conventional", "m", 2, "numa", "1:4", "4:1", 10, "error", "p", True, 100, 1, 1, 3)
+    write_record(tmp_path, rec)
+    path = write_record(tmp_path, bad)
+    assert "NaN" not in path.read_text()  # NaN is written as null (strict JSON)
+    back = {r.formulation: r for r in load_records(tmp_path)}
+    assert back["static"] == rec
+    assert math.isnan(back["numa"].predicted_seconds) and back["numa"].status == "error"
+    old = json.loads(path.read_text())
+    old["schema"] = SCHEMA - 1
+    path.write_text(json.dumps(old))
+    with pytest.raises(ResultsError, match="schema"):
+        load_records(tmp_path)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("conventional", "--models", "vgg99"), "unknown model 'vgg99'"),
+    (("conventional", "--formulations", "static,magic"), "unknown formulation 'magic'"),
+    (("conventional", "--ratios", "1:4,x"), "ratio 'x'"),
+    (("conventional", "--models", "vgg19:0"), "positive"),
+    (("conventional", "--models", "resnet50"), "no batch size in the conventional set"),
+    (("large", "--limit", "lots"), "cannot read the size"),
+    (("case-study", "--time-limit", "0"), "--time-limit must be positive"),
+    (("gpu", "--case", "vgg99:256:0.5"), "unknown model 'vgg99'"),
+    (("gpu", "--case", "vgg19:256:1.5"), "cap in (0, 1]"),
+])
+def test_bench_bad_input(args, words) -> None:
+    r = _bench(*args)
+    assert r.exit_code == 2, r.output
+    assert words in r.output and "Traceback" not in r.output
+
+
+def test_bench_gpu_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = _bench("gpu", "--case", "vgg19:256:0.5")
+    assert r.exit_code == 2 and "no usable CUDA device" in r.output and "Traceback" not in r.output
+
+
+def test_plot_bad_results(tmp_path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(main_group, ["plot", "speedup", "--results", str(tmp_path), "--out", str(tmp_path / "f")])
+    assert r.exit_code == 2 and "holds no conventional bench results" in r.output
+    (tmp_path / "old.json").write_text(json.dumps({"kind": "autotm-bench-run", "schema": 0}))
+    r = runner.invoke(main_group, ["plot", "costs", "--results", str(tmp_path), "--out", str(tmp_path / "f")])
+    assert r.exit_code == 2 and "schema 0" in r.output and "Traceback" not in r.output
+    (tmp_path / "old.json").write_text("{not json")
+    r = runner.invoke(main_group, ["plot", "error", "--results", str(tmp_path)])
+    assert r.exit_code == 2 and "not valid JSON" in r.output
+    r = runner.invoke(main_group, ["plot", "gpu", "--results", str(tmp_path / "nope.json")])
+    assert r.exit_code == 2 and "does not exist" in r.output
