@@ -262,6 +262,7 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
 
 # ---- plots -------------------------------------------------------------------------------
 def _plot_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--name", default=None, metavar="STEM", help="File name without extension (default: the figure's).")(fn)
     fn = click.option("--out", default="figures", show_default=True, metavar="DIR",
                       help="Folder for the PNG and PDF.")(fn)
     fn = click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR",
@@ -290,15 +291,23 @@ def plot_group() -> None:
 
 def _records_plot(experiment: str, name: str, figure: str, help_text: str) -> None:
     @plot_group.command(name, help=help_text)
+    @click.option("--models", default=None, metavar="M[:B],...",
+                  help="Only these workloads (a name alone: every batch of it).")
     @_plot_options
     @user_errors
     @_bench_errors
-    def cmd(results: str, out: str) -> None:
+    def cmd(models: str | None, results: str, out: str, name: str | None) -> None:
         from .. import viz
-        from ..bench.results import load_records
+        from ..bench.experiments import parse_workload
+        from ..bench.results import ResultsError, load_records
 
         records = load_records(results, experiment)
-        _save(getattr(viz, f"{figure}_figure")(records), out, figure)
+        if _split(models):
+            wanted = [parse_workload(m) for m in _split(models)]
+            records = [r for r in records if any(r.model == w.model and w.batch in (None, r.batch) for w in wanted)]
+            if not records:
+                raise ResultsError(f"the results folder {results} holds no {experiment} runs of {models}")
+        _save(getattr(viz, f"{figure}_figure")(records), out, name or figure)
 
     cmd.__name__ = f"plot_{figure}_cmd"
 
@@ -318,12 +327,12 @@ _records_plot("conventional", "error", "error",
 @_plot_options
 @user_errors
 @_bench_errors
-def plot_gpu_cmd(results: str, out: str) -> None:
+def plot_gpu_cmd(results: str, out: str, name: str | None) -> None:
     """Figure 12's counterpart: step time per method per case, with the transfer lower bound."""
     from ..bench.gpu import load_gpu_report
     from ..viz import gpu_figure
 
-    _save(gpu_figure(load_gpu_report(results)), out, "gpu")
+    _save(gpu_figure(load_gpu_report(results)), out, name or "gpu")
 
 
 __all__ = ["bench_group", "plot_group"]

@@ -102,10 +102,11 @@ def _bars(ax: Any, groups: Sequence[str], series: Sequence[tuple[str, str, Seque
     """Grouped bars: one group per x label, one bar per series (label, colour, heights; NaN: no bar)."""
     n = max(len(series), 1)
     width = 0.8 / n
+    cmap = plt.get_cmap("tab10")
     for i, (label, color, heights) in enumerate(series):
         xs = [g + (i - (n - 1) / 2) * width for g, h in enumerate(heights) if math.isfinite(h)]
         hs = [h for h in heights if math.isfinite(h)]
-        ax.bar(xs, hs, width, label=label, color=color)
+        ax.bar(xs, hs, width, label=label, color=color or cmap(i % 10))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
 
@@ -136,12 +137,13 @@ def speedup_figure(records: Iterable[RunRecord]) -> Figure:
             series.append((f"{LABELS[f]} ({kind})", COLORS[f],
                            [all_slow / _time(by_ratio[q], measured) if q in by_ratio else math.nan for q in mid]))
         _bars(ax, [f"{paper_ratio(q)}\n({q})" for q in mid], series)
-        ax.axhline(all_slow / _fast_time(recs, measured), color="red", linestyle="--",
-                   label=f"all fast memory ({kind})")
+        top = all_slow / _fast_time(recs, measured)
+        ax.axhline(top, color="red", linestyle="--", label=f"all fast memory ({kind})")
+        ax.set_ylim(0, max([top] + [h for _, _, hs in series for h in hs if math.isfinite(h)]) * 1.5)  # room for the legend
         ax.set_title(f"{model} batch {batch}")
         ax.set_xlabel("PMM:DRAM (ours fast:slow)")
         ax.set_ylabel("speedup over all slow")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.suptitle("Figure 7: speedup over all slow memory")
     fig.tight_layout()
     return fig
@@ -213,7 +215,7 @@ def costs_figure(records: Iterable[RunRecord], formulation: str = "synchronous")
     cost_ax.set_ylabel("memory cost relative to all DRAM")
     handles, labels = ax.get_legend_handles_labels()
     h2, l2 = cost_ax.get_legend_handles_labels()
-    ax.legend(handles + h2, labels + l2, fontsize=7, loc="lower right")
+    ax.legend(handles + h2, labels + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3)
     ax.set_title("Figure 9: performance and memory cost")
     fig.tight_layout()
     return fig
