@@ -154,3 +154,14 @@ def test_plot_bad_results(tmp_path) -> None:
     assert r.exit_code == 2 and "not valid JSON" in r.output
     r = runner.invoke(main_group, ["plot", "gpu", "--results", str(tmp_path / "nope.json")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_summary_tables(conventional) -> None:
+    folder, rows = conventional
+    r = _bench("summary", "--results", str(folder))
+    assert r.exit_code == 0, r.output
+    sync = next(x for x in rows if x["formulation"] == "synchronous" and x["ratio"] == "1:4")
+    assert "### Conventional networks" in r.output
+    assert f"| tests.workloads:tiny_mlp 64 | synchronous | x" in r.output
+    # the geomean of one network is its own slowdown
+    assert f"x{sync['slowdown']:.3f} ({100 * (sync['slowdown'] - 1):.1f}%, 1)" in r.output

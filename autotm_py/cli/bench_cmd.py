@@ -260,6 +260,18 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
     console.print(f"report: {path}", highlight=False)
 
 
+@bench_group.command("summary")
+@click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR", help="Folder of run records.")
+@user_errors
+@_bench_errors
+def summary_cmd(results: str) -> None:
+    """Markdown tables of every experiment in a results folder (measured and modeled numbers marked)."""
+    from ..bench.results import load_records
+    from ..bench.summary import markdown
+
+    click.echo(markdown(load_records(results)))
+
+
 # ---- plots -------------------------------------------------------------------------------
 def _plot_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--name", default=None, metavar="STEM", help="File name without extension (default: the figure's).")(fn)
