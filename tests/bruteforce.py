@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from autotm_py.graph.types import Graph, Kernel, Role, Tensor, TensorMeta
-from autotm_py.optimizer.flowgraph import NONE, PMEM, READ, build_flow_graphs
+from autotm_py.optimizer.flowgraph import NONE, PMEM, READ, build_flow_graphs, candidate_seconds
 from autotm_py.profiler.types import Bandwidths, KernelCost, Profile
 
 
@@ -103,10 +103,14 @@ def _paths(fg, p: int) -> list[list[int]]:
     return paths
 
 
-def brute_force(graph: Graph, profile: Profile, formulation: str, limit: int, *,
-                window: int = 15, move_state: bool = False) -> float:
-    """Minimum predicted seconds over all combinations of paths; inf if none is feasible."""
-    fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state)
+def brute_force(graph: Graph, profile: Profile, formulation: str, limit, *,
+                window: int = 15, move_state: bool = False,
+                async_candidates: int | None = None) -> float:
+    """Minimum predicted seconds over all combinations of paths; inf if none is feasible.
+    `limit`: bytes at every kernel, or a sequence with one per kernel."""
+    fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state,
+                           async_candidates=async_candidates,
+                           kernel_seconds=candidate_seconds(profile))
     K = len(graph.kernels)
     Q = fg.num_gadgets
     bw = profile.bandwidths
@@ -116,6 +120,7 @@ def brute_force(graph: Graph, profile: Profile, formulation: str, limit: int, *,
         if t.id not in free:
             fixed_live[t.first:t.last + 1] += t.nbytes
     nonview = [k.index for k in graph.kernels if not k.view]
+    limit = np.broadcast_to(np.asarray(limit, dtype=float), (K,))[nonview]
     per_tensor = []
     for p, s in enumerate(fg.storages.tolist()):
         t = graph.tensors[s]

@@ -300,3 +300,110 @@ def test_sync_plan_is_a_feasible_async_start():
     assert (ax >= m.row_lower - 1e-9).all() and (ax <= m.row_upper + 1e-9).all()
     assert (x >= m.col_lower - 1e-9).all() and (x <= m.col_upper + 1e-9).all()
     assert m.c @ x + m.offset == pytest.approx(s.predicted_seconds, rel=1e-9)
+
+
+def test_async_candidate_selection_rule():
+    """Per interval between consecutive users: the first, the last and the L longest."""
+    import numpy as np
+
+    from autotm_py.optimizer.flowgraph import select_candidates
+
+    secs = np.zeros(40)
+    secs[[12, 14, 15, 17]] = [5.0, 9.0, 9.0, 7.0]
+    secs[[31, 33]] = [2.0, 1.0]
+    users = np.array([10, 20, 30])
+    cand = np.array([11, 12, 13, 14, 15, 16, 17, 18, 19, 31, 32, 33, 34, 35])
+    # interval 10..20: ends 11 and 19, longest 14 and 15 (tie 9.0: both, earlier first)
+    assert select_candidates(cand, users, secs, 2).tolist() == [11, 14, 15, 19, 31, 33, 35]
+    assert select_candidates(cand, users, secs, 3).tolist() == [11, 14, 15, 17, 19, 31, 32, 33, 35]
+    assert select_candidates(cand, users, secs, 0).tolist() == [11, 19, 31, 35]
+    assert select_candidates(cand, users, secs, 9).tolist() == cand.tolist()
+
+
+def test_restricted_async_candidates_equal_brute_force():
+    """With a window wide enough for the restriction to drop candidates, the ILP still finds
+    the brute-force optimum of the restricted flow graphs, which is no better than the
+    unrestricted one; with window 1 the restriction drops nothing."""
+    from autotm_py.optimizer.flowgraph import build_flow_graphs, candidate_seconds
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    secs = candidate_seconds(prof)
+    full = build_flow_graphs(g, "asynchronous", window=3)
+    cut = build_flow_graphs(g, "asynchronous", window=3, async_candidates=0, kernel_seconds=secs)
+    assert cut.g_async.sum() < full.g_async.sum()
+    one = build_flow_graphs(g, "asynchronous", window=1, async_candidates=0, kernel_seconds=secs)
+    assert one.g_kernel.tolist() == build_flow_graphs(g, "asynchronous", window=1).g_kernel.tolist()
+    for lim in (140, 180):
+        bf_cut = brute_force(g, prof, "asynchronous", lim, window=3, async_candidates=0)
+        bf_full = brute_force(g, prof, "asynchronous", lim, window=3)
+        got, plan = _solve(g, prof, "asynchronous", lim, async_window=3, async_candidates=0)
+        assert got == pytest.approx(bf_cut, rel=1e-9)
+        assert bf_full <= bf_cut * (1 + 1e-12)
+        assert plan.async_candidates == 0
+        full_plan = _solve(g, prof, "asynchronous", lim, async_window=3, async_candidates=None)[1]
+        assert full_plan.predicted_seconds == pytest.approx(bf_full, rel=1e-9)
+        assert full_plan.async_candidates is None
+
+
+@pytest.mark.parametrize("form", ["static", "synchronous", "asynchronous"])
+def test_per_kernel_limit_equals_brute_force(form):
+    import numpy as np
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    uniform = _solve(g, prof, form, 220, async_window=1)[1]
+    # lower the limit at the kernel where the uniform plan holds the most
+    k = int(np.argmax(uniform.fast_bytes))
+    lims = np.full(len(g.kernels), 220)
+    lims[k] = uniform.fast_bytes[k] - 1
+    bf = brute_force(g, prof, form, lims, window=1)
+    assert bf > uniform.predicted_seconds  # the lowered kernel really constrains the plan
+    got, plan = _solve(g, prof, form, lims, async_window=1)
+    assert got == pytest.approx(bf, rel=1e-9)
+    assert plan.kernel_limits == tuple(int(x) for x in lims) and plan.limit_bytes == 220
+    assert plan.fast_bytes[k] <= lims[k]
+    # the verifier holds each kernel to its own limit
+    _rejects(dataclasses.replace(uniform, kernel_limits=tuple(int(x) for x in lims)), g, prof,
+             f"kernel #{k}")
+    # a limit below what the kernel itself needs is refused naming that kernel
+    need = __import__("autotm_py.optimizer.limits", fromlist=["kernel_needs"]).kernel_needs(
+        g, prof, form)[0]
+    j = int(np.flatnonzero(np.array([not kk.view for kk in g.kernels]))[1])
+    low = np.full(len(g.kernels), 10**6)
+    low[j] = need[j] - 1
+    with pytest.raises(Infeasible, match=f"kernel #{j} "):
+        optimize(g, prof, formulation=form, limit_bytes=low)
+
+
+def test_per_kernel_limit_file_and_input_checks(tmp_path):
+    import json
+
+    import numpy as np
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    lims = [200] * len(g.kernels)
+    lims[3] = 150
+    plan = optimize(g, prof, formulation="synchronous", limit_bytes=np.array(lims), mip_gap=0.0)
+    path = str(tmp_path / "plan.json")
+    plan.save(path)
+    back = Plan.load(path, g)
+    assert back == plan and back.kernel_limits == tuple(lims) and back.limit_bytes == 200
+    verify(back, g, prof)
+    # plans written before per-kernel limits existed load with one limit everywhere
+    d = json.load(open(path))
+    uniform = optimize(g, prof, formulation="asynchronous", limit_bytes=200, mip_gap=0.0,
+                       async_window=1)
+    d = uniform.to_json()
+    del d["kernel_limits"], d["async_candidates"]
+    old = Plan.from_json(d, g)
+    assert old.kernel_limits is None and old.async_candidates is None
+    assert old.limit_at().tolist() == [200] * len(g.kernels)
+    verify(old, g, prof)
+    with pytest.raises(ValueError, match="one value per kernel"):
+        optimize(g, prof, formulation="synchronous", limit_bytes=[200, 200])
+    with pytest.raises(ValueError, match="non-negative"):
+        optimize(g, prof, formulation="synchronous", limit_bytes=[-1] + lims[1:])
+    with pytest.raises(ValueError, match="one fast-memory limit"):
+        optimize(g, prof, formulation="numa", limit_bytes=lims)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .limits import limit_from_ratio, minimum_fast_bytes, parse_ratio
+from .formulation import ASYNC_CANDIDATES
+from .limits import Limit, is_per_kernel, kernel_limits, limit_from_ratio, minimum_fast_bytes, parse_ratio
 from .plan import Move, Plan, SolverStats, TensorPlan
 from .solver import Infeasible, SolverFailed
 from .verify import VerificationError, verify
@@ -16,11 +17,15 @@ FORMULATIONS = ILP_FORMULATIONS + ("numa", "2lm")
 
 
 def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous",
-             limit_bytes: int | None = None, ratio: str | None = None, time_limit: float = 300.0,
+             limit_bytes: Limit | None = None, ratio: str | None = None, time_limit: float = 300.0,
              mip_gap: float = 0.01, solver: str = "highs", async_window: int = 15,
-             move_state: bool = False) -> Plan:
-    """Place and move every tensor of `graph` under a fast-memory limit (bytes, or a
-    fast:slow `ratio` of the unplanned peak such as "1:4")."""
+             async_candidates: int | None = ASYNC_CANDIDATES, move_state: bool = False) -> Plan:
+    """Place and move every tensor of `graph` under a fast-memory limit: bytes (an int for
+    every kernel, or a sequence with one int per kernel of `graph`, for the ILP
+    formulations), or a fast:slow `ratio` of the unplanned peak such as "1:4".
+    `async_candidates`: the asynchronous formulation's overlap candidates per interval
+    between two uses of a tensor (the first, the last and this many longest kernels of the
+    window; None: every kernel of the window)."""
     if profile.graph_fingerprint != graph.fingerprint:
         raise ValueError("the profile was made for another graph; profile this workload again")
     if (limit_bytes is None) == (ratio is None):
@@ -28,27 +33,30 @@ def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous"
     if ratio is not None:
         limit_bytes = limit_from_ratio(graph, ratio, move_state=move_state)
     assert limit_bytes is not None
-    if limit_bytes < 0:
-        raise ValueError(f"the fast-memory limit must be non-negative, got {limit_bytes}")
+    kernel_limits(graph, limit_bytes)  # validates: whole, non-negative, one per kernel
     if formulation in ILP_FORMULATIONS:
         from .formulation import solve_formulation
 
         return solve_formulation(graph, profile, formulation, limit_bytes, ratio=ratio,
                                  time_limit=time_limit, mip_gap=mip_gap, solver=solver,
-                                 async_window=async_window, move_state=move_state)
+                                 async_window=async_window, async_candidates=async_candidates,
+                                 move_state=move_state)
+    if formulation in ("numa", "2lm") and is_per_kernel(limit_bytes):
+        raise ValueError(f"the {formulation} baseline takes one fast-memory limit, not one per "
+                         "kernel; per-kernel limits apply to static, synchronous and asynchronous")
     if formulation == "numa":
         from .numa import optimize_numa
 
-        return optimize_numa(graph, profile, limit_bytes, ratio=ratio)
+        return optimize_numa(graph, profile, int(limit_bytes), ratio=ratio)  # type: ignore[arg-type]
     if formulation == "2lm":
         from .twolm import optimize_2lm
 
-        return optimize_2lm(graph, profile, limit_bytes, ratio=ratio)
+        return optimize_2lm(graph, profile, int(limit_bytes), ratio=ratio)  # type: ignore[arg-type]
     raise ValueError(f"unknown formulation {formulation!r}; choose one of {', '.join(FORMULATIONS)}")
 
 
 __all__ = [
-    "FORMULATIONS", "ILP_FORMULATIONS", "Infeasible", "Move", "Plan", "SolverFailed",
+    "ASYNC_CANDIDATES", "FORMULATIONS", "ILP_FORMULATIONS", "Infeasible", "Move", "Plan", "SolverFailed",
     "SolverStats", "TensorPlan", "VerificationError", "limit_from_ratio", "minimum_fast_bytes",
     "optimize", "parse_ratio", "verify",
 ]

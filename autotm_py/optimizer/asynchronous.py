@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .formulation import solve_formulation
+from .formulation import ASYNC_CANDIDATES, solve_formulation
+from .limits import Limit
 from .plan import Plan
 
 
-def optimize_asynchronous(graph: Graph, profile: Profile, limit_bytes: int, *, ratio: str | None = None,
+def optimize_asynchronous(graph: Graph, profile: Profile, limit_bytes: Limit, *, ratio: str | None = None,
                           time_limit: float = 300.0, mip_gap: float = 0.01, solver: str = "highs",
-                          async_window: int = 15, move_state: bool = False) -> Plan:
+                          async_window: int = 15, async_candidates: int | None = ASYNC_CANDIDATES,
+                          move_state: bool = False) -> Plan:
     """Solve the asynchronous formulation under `limit_bytes` of fast memory."""
     return solve_formulation(graph, profile, "asynchronous", limit_bytes, ratio=ratio,
                              time_limit=time_limit, mip_gap=mip_gap, solver=solver,
-                             async_window=async_window, move_state=move_state)
+                             async_window=async_window, async_candidates=async_candidates,
+                             move_state=move_state)

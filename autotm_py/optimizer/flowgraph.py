@@ -7,7 +7,15 @@ modelled:
 * static: the producer only (state tensors: their first user);
 * synchronous: the producer and every reader (users);
 * asynchronous: the users plus every non-view kernel of the live range that has a user
-  within ``window`` positions (positions count non-view kernels only).
+  within ``window`` positions (positions count non-view kernels only). With
+  ``async_candidates=L`` only some of these candidates stay, per interval between two
+  consecutive users (and after the last one): the first and the last candidate (a write-back
+  right after a use frees fast memory soonest, a fetch right before the next use holds it
+  least) and the L longest kernels (the most time to hide a copy behind; duration = the
+  kernel's fastest profiled time, ties to the earlier kernel). An interval with at most
+  L + 2 candidates keeps them all, so with ``window <= (L + 2) // 2`` nothing is dropped.
+  This is a restriction of the formulation, not a proven-harmless reduction: the optimum
+  of the restricted model can exceed the full one (measured in benchmarks/solve_time.py).
 
 Vertices per gadget q: PRE(q) "fast, no valid slow copy", DRAM(q) "fast and a valid slow
 copy exists", PMEM(q) "slow". Edges follow the reference table (3.3), with two changes:
@@ -62,6 +70,7 @@ class FlowGraphs:
     e_kind: np.ndarray  # NONE / READ / WRITE
     e_async: np.ndarray  # bool
     e_gadget: np.ndarray  # gadget the move overlaps or follows (-1 for no move)
+    async_candidates: int | None = None  # see build_flow_graphs
 
     @property
     def num_gadgets(self) -> int:
@@ -109,12 +118,21 @@ def nonview_positions(graph: Graph) -> np.ndarray:
 
 
 def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
-                      move_state: bool = False) -> FlowGraphs:
-    """Gadgets, vertices and edges of every free tensor for one formulation."""
+                      move_state: bool = False, async_candidates: int | None = None,
+                      kernel_seconds: np.ndarray | None = None) -> FlowGraphs:
+    """Gadgets, vertices and edges of every free tensor for one formulation.
+    `async_candidates` (asynchronous only): keep the ends and this many longest candidate
+    kernels per interval between users, ranked by `kernel_seconds` (one per kernel); None
+    keeps every candidate of the window."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose one of {', '.join(FORMULATIONS)}")
     if window < 0:
         raise ValueError(f"the asynchronous window must be >= 0, got {window}")
+    if async_candidates is not None:
+        if async_candidates < 0:
+            raise ValueError(f"async_candidates must be >= 0 or None, got {async_candidates}")
+        if kernel_seconds is None or len(kernel_seconds) != len(graph.kernels):
+            raise ValueError("async_candidates needs kernel_seconds, one per kernel")
     storages = free_storages(graph, move_state)
     is_view = np.array([k.view for k in graph.kernels], dtype=bool)
     nonview_idx = np.flatnonzero(~is_view)
@@ -147,6 +165,8 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
             dist[left] = np.minimum(dist[left], cpos[left] - upos[j[left] - 1])
             keep = (dist <= window) & ~np.isin(cand, u)
             extra = cand[keep]
+            if async_candidates is not None and len(extra):
+                extra = select_candidates(extra, u, np.asarray(kernel_seconds), async_candidates)
             ks = np.concatenate([u, extra])
             asy = np.concatenate([np.zeros(len(u), dtype=bool), np.ones(len(extra), dtype=bool)])
             order = np.argsort(ks, kind="stable")
@@ -227,8 +247,30 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
     return FlowGraphs(
         formulation, window, storages, nbytes, has_prod, g_ptr, gt, gk, ga, gw,
         e_src[order], e_dst[order], e_tensor[order].astype(np.int64), e_kind[order],
-        e_async[order], e_gad[order],
+        e_async[order], e_gad[order], async_candidates if formulation == "asynchronous" else None,
     )
+
+
+def select_candidates(cand: np.ndarray, users: np.ndarray, seconds: np.ndarray,
+                      longest: int) -> np.ndarray:
+    """Of sorted candidate kernels, those kept in each interval between consecutive users
+    (`users` sorted): the first, the last and the `longest` longest (ties: earlier)."""
+    interval = np.searchsorted(users, cand)
+    dur = seconds[cand]
+    order = np.lexsort((cand, -dur, interval))  # by interval, longest first, then earlier
+    iv = interval[order]
+    rank = np.arange(len(order)) - np.searchsorted(iv, iv)
+    keep = np.zeros(len(cand), dtype=bool)
+    keep[order[rank < longest]] = True
+    keep[np.r_[True, interval[1:] != interval[:-1]]] = True  # first of each interval
+    keep[np.r_[interval[1:] != interval[:-1], True]] = True  # last of each interval
+    return cand[keep]
+
+
+def candidate_seconds(profile) -> np.ndarray:
+    """Per kernel, the time it surely runs for (its fastest profiled configuration): what
+    ranks asynchronous candidates."""
+    return np.array([min(c.times.values()) if c.times else 0.0 for c in profile.kernels])
 
 
 def gadget_expressions(fg: FlowGraphs) -> tuple[np.ndarray, np.ndarray]:

@@ -11,22 +11,32 @@ from ..graph.types import Graph
 from ..profiler.types import Profile
 from .flowgraph import NONE, PMEM, READ, edge_ids, walk
 from .ilp import BYTE_UNIT, Model, build_model, trace_paths
-from .limits import explain_infeasible, minimum_fast_bytes
+from .limits import Limit, explain_infeasible, infeasible_kernel, is_per_kernel, kernel_limits
 from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan,
                    fast_bytes_per_kernel, fixed_tensor_plans, kernel_seconds, plan_metrics,
                    predict_seconds)
 from .solver import Infeasible, Solution, SolverFailed, solve
 
+# the asynchronous formulation's default restriction of overlap candidates per interval
+# between two uses of a tensor: the first, the last and this many longest kernels
+# (flowgraph.build_flow_graphs); chosen on the conventional set (benchmarks/solve_time.py)
+ASYNC_CANDIDATES = 2
 
-def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_bytes: int, *,
+
+def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
                       ratio: str | None = None, time_limit: float = 300.0, mip_gap: float = 0.01,
                       solver: str = "highs", async_window: int = 15,
+                      async_candidates: int | None = ASYNC_CANDIDATES,
                       move_state: bool = False, warm_start: bool = True) -> Plan:
-    """Build and solve one formulation's ILP and return its Plan. The asynchronous
-    formulation starts from the synchronous optimum (its solve time is included)."""
-    need, _ = minimum_fast_bytes(graph, profile, formulation, move_state=move_state)
-    if limit_bytes < need:
+    """Build and solve one formulation's ILP and return its Plan. `limit_bytes`: one byte
+    count, or one per kernel. The asynchronous formulation starts from the synchronous
+    optimum (its solve time is included); `async_candidates` restricts its overlap
+    candidates (see flowgraph.build_flow_graphs; None keeps the whole window)."""
+    limits = kernel_limits(graph, limit_bytes)
+    if infeasible_kernel(graph, profile, formulation, limit_bytes, move_state=move_state) is not None:
         raise Infeasible(explain_infeasible(graph, profile, formulation, limit_bytes, move_state))
+    if formulation != "asynchronous":
+        async_candidates = None
     start = None
     t0 = time.perf_counter()
     if formulation == "asynchronous" and warm_start and solver == "highs":
@@ -40,8 +50,8 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
         except (Infeasible, SolverFailed):
             start = None
     warm_seconds = time.perf_counter() - t0
-    model = build_model(graph, profile, formulation, limit_bytes, window=async_window,
-                        move_state=move_state)
+    model = build_model(graph, profile, formulation, limits, window=async_window,
+                        move_state=move_state, async_candidates=async_candidates)
     x0 = start_vector(model, graph, profile, start) if start is not None else None
     try:
         sol = solve(model, backend=solver, time_limit=max(time_limit - warm_seconds, 1.0),
@@ -96,7 +106,7 @@ def start_vector(model: Model, graph: Graph, profile: Profile, plan: Plan) -> np
 
 
 def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Solution,
-                       limit_bytes: int, ratio: str | None, move_state: bool,
+                       limit_bytes: Limit, ratio: str | None, move_state: bool,
                        async_window: int) -> Plan:
     fg = model.fg
     x = np.round(sol.x)
@@ -135,11 +145,14 @@ def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Soluti
     predicted = predict_seconds(graph, profile, masks, moves)
     stats = SolverStats(model.build_seconds, sol.solve_seconds, sol.status, sol.gap, sol.objective,
                         model.num_cols, model.num_rows, model.num_nonzeros, sol.backend)
+    limits = kernel_limits(graph, limit_bytes)
+    top = int(limits.max()) if len(limits) else int(np.max(limit_bytes, initial=0))
     return Plan(
-        PLAN_SCHEMA, graph.fingerprint, graph.name, fg.formulation, profile.device, int(limit_bytes),
+        PLAN_SCHEMA, graph.fingerprint, graph.name, fg.formulation, profile.device, top,
         ratio, all_plans, tuple(moves), tuple(masks),
         tuple(int(b) for b in fast_bytes_per_kernel(graph, all_plans)), predicted,
         profile.all_fast_seconds, bool(profile.modeled), stats,
-        plan_metrics(graph, profile, all_plans, moves, limit_bytes, ratio, predicted),
-        move_state, async_window,
+        plan_metrics(graph, profile, all_plans, moves, top, ratio, predicted),
+        move_state, async_window, fg.async_candidates,
+        tuple(int(b) for b in limits) if is_per_kernel(limit_bytes) else None,
     )

@@ -26,18 +26,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .limits import kernel_workspace
-from .flowgraph import (NONE, READ, WRITE, FlowGraphs, build_flow_graphs, fast_expression_ids,
-                        gadget_expressions)
+from .limits import kernel_limits, kernel_workspace
+from .flowgraph import (NONE, READ, WRITE, FlowGraphs, build_flow_graphs, candidate_seconds,
+                        fast_expression_ids, gadget_expressions)
 
 # capacity rows count MiB (exact float division, no rounding) so that their coefficients sit
 # near the flow rows' 1s; every number outside the model stays in bytes
 BYTE_UNIT = float(2**20)
+# the async rows z >= T and z >= copies count milliseconds (z itself stays in seconds)
+ROW_TIME_UNIT = 1e3
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,11 +174,16 @@ def move_costs(fg: FlowGraphs, profile: Profile) -> np.ndarray:
     return cost
 
 
-def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: int, *,
-                window: int = 15, move_state: bool = False) -> Model:
-    """The whole ILP for one formulation and fast-memory limit."""
+def build_model(graph: Graph, profile: Profile, formulation: str,
+                limit_bytes: int | Sequence[int] | np.ndarray, *, window: int = 15,
+                move_state: bool = False, async_candidates: int | None = None) -> Model:
+    """The whole ILP for one formulation and fast-memory limit (bytes, one for every kernel
+    or one per kernel)."""
     t0 = time.perf_counter()
-    fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state)
+    limits = kernel_limits(graph, limit_bytes)
+    fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state,
+                           async_candidates=async_candidates,
+                           kernel_seconds=candidate_seconds(profile) if async_candidates is not None else None)
     K = len(graph.kernels)
     P, Q, E = len(fg.storages), fg.num_gadgets, fg.num_edges
     pos_of = {int(s): p for p, s in enumerate(fg.storages)}
@@ -271,10 +279,10 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
     m_col0 = ncols
     ncols += N
     # a kernel's workspace needs room next to everything live at it
-    ws = kernel_workspace(graph, profile, formulation, limit_bytes, move_state=move_state)
+    ws = kernel_workspace(graph, profile, formulation, limits, move_state=move_state)
     fixed = (fixed_live_bytes(graph, fg.storages) + ws)[nonview]
     col_lo.append(np.zeros(N))
-    col_hi.append((limit_bytes - fixed) / BYTE_UNIT)
+    col_hi.append((limits[nonview] - fixed) / BYTE_UNIT)
     integ.append(np.zeros(N, dtype=bool)); cost.append(np.zeros(N))
     mrow = rows.new(np.zeros(N), 0.0)
     rows.add(mrow, m_col0 + np.arange(N), 1.0)
@@ -338,17 +346,19 @@ def build_model(graph: Graph, profile: Profile, formulation: str, limit_bytes: i
         if cols:
             c[cols] = times
     if len(z_kernel):
-        zt_lo = np.array([kernel_time_terms[k][2] for k in z_kernel.tolist()])
+        # rows in milliseconds: a small tensor's copy takes well under a nanosecond, which a
+        # row in seconds would carry as a coefficient below the solver's zero tolerance
+        zt_lo = np.array([kernel_time_terms[k][2] for k in z_kernel.tolist()]) * ROW_TIME_UNIT
         zrow_t = rows.new(zt_lo, np.inf)  # z - T >= constant part of T
         zrow_m = rows.new(np.zeros(len(z_kernel)), np.inf)  # z - async moves >= 0
         for i, k in enumerate(z_kernel.tolist()):
             cols, times, _ = kernel_time_terms[k]
             if cols:
-                rows.add(np.full(len(cols), zrow_t[i]), cols, -np.array(times))
-        rows.add(zrow_t, z_col, 1.0)
-        rows.add(zrow_m, z_col, 1.0)
+                rows.add(np.full(len(cols), zrow_t[i]), cols, -np.array(times) * ROW_TIME_UNIT)
+        rows.add(zrow_t, z_col, ROW_TIME_UNIT)
+        rows.add(zrow_m, z_col, ROW_TIME_UNIT)
         zi = np.searchsorted(z_kernel, async_k)
-        rows.add(zrow_m[zi], asy, -mc[asy])
+        rows.add(zrow_m[zi], asy, -mc[asy] * ROW_TIME_UNIT)
     c = np.concatenate([c, zc])
     col_lo.append(np.zeros(len(z_kernel))); col_hi.append(np.full(len(z_kernel), np.inf))
     integ.append(np.zeros(len(z_kernel), dtype=bool))

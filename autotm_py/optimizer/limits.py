@@ -1,4 +1,9 @@
-"""Fast-memory limits: `--ratio D:S` parsing, and the smallest limit any plan can meet.
+"""Fast-memory limits: `--ratio D:S` parsing, per-kernel limits, and the smallest limit any
+plan can meet.
+
+A limit is either one byte count for every kernel or a sequence of byte counts, one per
+kernel of the graph (the capacity at kernel i is limit[i]; a runtime that finds its
+allocator fragmenting at some kernels lowers the limit only there).
 
 A ratio D:S is fast:slow memory, so `1:4` puts 20% of the unplanned peak
 (`graph.peak_live_bytes`, parameters and inputs included) in fast memory: the paper's
@@ -8,6 +13,7 @@ A ratio D:S is fast:slow memory, so `1:4` puts 20% of the unplanned peak
 from __future__ import annotations
 
 import re
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -41,6 +47,35 @@ def limit_from_ratio(graph: Graph, ratio: str, *, move_state: bool = False) -> i
     fixed = 0 if move_state else sum(t.nbytes for t in graph.tensors if t.fixed)
     movable = max(graph.peak_live_bytes - fixed, 0)
     return int(round(fixed + movable * fast / (fast + slow)))
+
+
+Limit = Union[int, Sequence[int], np.ndarray]
+
+
+def kernel_limits(graph: Graph, limit: Limit) -> np.ndarray:
+    """The limit as one int64 byte count per kernel (validated)."""
+    K = len(graph.kernels)
+    if np.ndim(limit) == 0:
+        value = limit.item() if isinstance(limit, np.generic) else limit
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"the fast-memory limit must be a whole number of bytes, got {limit!r}")
+        if value < 0:
+            raise ValueError(f"the fast-memory limit must be non-negative, got {value}")
+        return np.full(K, int(value), dtype=np.int64)
+    arr = np.asarray(limit)
+    if arr.ndim != 1 or len(arr) != K:
+        raise ValueError(f"a per-kernel fast-memory limit needs one value per kernel ({K}), "
+                         f"got shape {arr.shape}")
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+        raise ValueError("a per-kernel fast-memory limit must hold whole numbers of bytes")
+    if K and arr.min() < 0:
+        raise ValueError(f"the fast-memory limit must be non-negative; kernel #{int(arr.argmin())} "
+                         f"has {int(arr.min())}")
+    return arr.astype(np.int64)
+
+
+def is_per_kernel(limit: Limit) -> bool:
+    return np.ndim(limit) != 0
 
 
 def _fixed_live(graph: Graph, free: set[int]) -> np.ndarray:
@@ -108,7 +143,7 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
     return need, fixed
 
 
-def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_bytes: int, *,
+def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
                      move_state: bool = False) -> np.ndarray:
     """Room each kernel's transient allocations (cuDNN workspaces; 0 on CPU) get next to the
     tensors live at it: the measured workspace where it fits beside what the kernel needs in
@@ -118,7 +153,7 @@ def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_byt
     if not ws.any():
         return ws
     need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
-    return np.minimum(ws, np.maximum(0, limit_bytes - need))
+    return np.minimum(ws, np.maximum(0, kernel_limits(graph, limit_bytes) - need))
 
 
 def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synchronous", *,
@@ -132,23 +167,45 @@ def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synch
     return int(need[k]), k
 
 
-def explain_infeasible(graph: Graph, profile: Profile, formulation: str, limit_bytes: int,
+def infeasible_kernel(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
+                      move_state: bool = False) -> int | None:
+    """The kernel whose limit is furthest below what any plan needs there; None if every
+    kernel's limit covers its need."""
+    if formulation in ("numa", "2lm") or not graph.kernels:
+        return None
+    need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
+    short = need - kernel_limits(graph, limit_bytes)
+    k = int(np.argmax(short))
+    return k if short[k] > 0 else None
+
+
+def explain_infeasible(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit,
                        move_state: bool = False, solver_said: bool = False) -> str:
     """One sentence: the limit, the smallest feasible one, and the kernel that sets it."""
     from ..cli.common import human_bytes
 
     need, fixed = kernel_needs(graph, profile, formulation, move_state=move_state)
-    k = int(np.argmax(need))
+    limits = kernel_limits(graph, limit_bytes)
+    per_kernel = is_per_kernel(limit_bytes)
+    short = infeasible_kernel(graph, profile, formulation, limit_bytes, move_state=move_state)
+    k = short if short is not None else int(np.argmax(need))
     kern = graph.kernels[k]
+    lim = int(limits[k]) if len(limits) else 0
     what = (f"kernel #{k} {kern.node} ({kern.op}) needs {int(need[k]):,} bytes "
             f"({human_bytes(int(need[k]))}) in fast memory: {int(fixed[k]):,} of fixed tensors live "
             f"there (parameters, inputs, optimizer state) plus {int(need[k] - fixed[k]):,} that "
             f"{'its inputs and outputs' if formulation != 'static' else 'its tensors and the ones a static plan cannot move'} "
             "must keep there")
-    if solver_said and limit_bytes >= need[k]:
-        return (f"no {formulation} plan fits in {limit_bytes:,} bytes ({human_bytes(limit_bytes)}) of "
+    where = f" at kernel #{k}" if per_kernel else ""
+    if solver_said and short is None:
+        if per_kernel:
+            return (f"no {formulation} plan fits under the per-kernel fast-memory limits (between "
+                    f"{int(limits.min()):,} and {int(limits.max()):,} bytes), though every kernel's "
+                    f"limit covers what it needs itself; kernel #{k} {kern.node} needs the most, "
+                    f"{int(need[k]):,} bytes: raise the lowest limits")
+        return (f"no {formulation} plan fits in {lim:,} bytes ({human_bytes(lim)}) of "
                 f"fast memory; at least {int(need[k]):,} bytes are needed, since {what}")
     hint = ("; let that state move (move_state, --move-state) or raise the limit"
-            if fixed[k] > limit_bytes and not move_state else "")
-    return (f"the fast-memory limit of {limit_bytes:,} bytes ({human_bytes(limit_bytes)}) is below "
+            if fixed[k] > lim and not move_state else "")
+    return (f"the fast-memory limit of {lim:,} bytes ({human_bytes(lim)}){where} is below "
             f"the {int(need[k]):,} bytes any {formulation} plan needs: {what}{hint}")

@@ -89,6 +89,11 @@ class Plan:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     move_state: bool = False
     async_window: int = 15
+    # the asynchronous formulation's candidate restriction (None: the whole window)
+    async_candidates: int | None = None
+    # per-kernel fast-memory limits when the plan was made under them (limit_bytes is then
+    # their maximum); None: limit_bytes at every kernel
+    kernel_limits: tuple[int, ...] | None = None
 
     # ---- queries --------------------------------------------------------------------
     def tensor_plan(self, storage: int) -> TensorPlan:
@@ -105,6 +110,12 @@ class Plan:
     def fast_at(self, storage: int, kernel: int) -> bool:
         """Is `storage` in fast memory during `kernel`?"""
         return self.tensor_plan(storage).tier_at(kernel) == FAST
+
+    def limit_at(self) -> np.ndarray:
+        """The fast-memory limit at each kernel (bytes)."""
+        if self.kernel_limits is not None:
+            return np.asarray(self.kernel_limits, dtype=np.int64)
+        return np.full(len(self.kernel_masks), self.limit_bytes, dtype=np.int64)
 
     @property
     def slowdown(self) -> float:
@@ -126,7 +137,9 @@ class Plan:
             "device": self.device, "limit_bytes": self.limit_bytes, "ratio": self.ratio,
             "predicted_seconds": self.predicted_seconds, "all_fast_seconds": self.all_fast_seconds,
             "modeled": self.modeled, "move_state": self.move_state,
-            "async_window": self.async_window, "solver": asdict(self.solver),
+            "async_window": self.async_window, "async_candidates": self.async_candidates,
+            "kernel_limits": None if self.kernel_limits is None else list(self.kernel_limits),
+            "solver": asdict(self.solver),
             "metrics": dict(self.metrics),
             "kernel_masks": list(self.kernel_masks), "fast_bytes": list(self.fast_bytes),
             "tensors": [[t.storage, t.initial, [list(s) for s in t.segments]] for t in self.tensors],
@@ -155,6 +168,9 @@ class Plan:
             float(d["predicted_seconds"]), float(d["all_fast_seconds"]), bool(d["modeled"]),
             SolverStats(**d["solver"]), dict(d.get("metrics", {})),
             bool(d.get("move_state", False)), int(d.get("async_window", 15)),
+            # absent in plans written before these fields existed: the whole window, one limit
+            None if d.get("async_candidates") is None else int(d["async_candidates"]),
+            None if d.get("kernel_limits") is None else tuple(int(b) for b in d["kernel_limits"]),
         )
 
     def save(self, path: str) -> None:

@@ -8,7 +8,8 @@ the Profile and every claim in it is checked.
   in device memory; on CPU the kernel's mask is the one the placements imply and it was
   profiled (baselines may use unprofiled masks, priced by `plan.kernel_seconds`);
 * fast-memory use recomputed at every kernel, async fetches in flight included, plus the
-  kernel's workspace (CUDA), stays within the limit; the tensors' part equals `fast_bytes`;
+  kernel's workspace (CUDA), stays within that kernel's limit (per-kernel limits when the
+  plan has them); the tensors' part equals `fast_bytes`;
 * the predicted time recomputed from the plan matches the plan and the solver objective.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .flowgraph import NONE, READ, build_flow_graphs, edge_ids, walk
+from .flowgraph import NONE, READ, build_flow_graphs, candidate_seconds, edge_ids, walk
 from .limits import kernel_workspace
 from .plan import FAST, PLAN_SCHEMA, SLOW, Plan, fast_bytes_per_kernel, placement_mask, predict_seconds
 
@@ -71,7 +72,7 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
 
     form = plan.formulation
     if form in ("static", "synchronous", "asynchronous", "numa"):
-        out += _check_paths(plan, graph, "static" if form == "numa" else form)
+        out += _check_paths(plan, graph, profile, "static" if form == "numa" else form)
     elif form == "2lm":
         if plan.moves:
             out.append("a 2LM plan moves nothing (the hardware cache does)")
@@ -106,18 +107,22 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
             return out
 
     # capacity at every kernel
+    if plan.kernel_limits is not None and (len(plan.kernel_limits) != len(graph.kernels) or
+                                           max(plan.kernel_limits, default=0) != plan.limit_bytes):
+        out.append("kernel_limits must have one entry per kernel, and limit_bytes must be their maximum")
+        return out
     if form != "2lm":
+        limits = plan.limit_at()
         fb = fast_bytes_per_kernel(graph, plan.tensors)
         need = fb
         if form != "numa":  # a kernel's workspace needs room while it runs (as in the ILP)
-            need = fb + kernel_workspace(graph, profile, form, plan.limit_bytes,
-                                         move_state=plan.move_state)
-        over = np.flatnonzero(need > plan.limit_bytes)
+            need = fb + kernel_workspace(graph, profile, form, limits, move_state=plan.move_state)
+        over = np.flatnonzero(need > limits)
         if len(over):
             k = int(over[0])
             out.append(f"fast memory at kernel #{k} {graph.kernels[k].node} is {int(need[k]):,} bytes "
-                       f"(workspace included), over the limit of {plan.limit_bytes:,} "
-                       f"({len(over)} kernels over)")
+                       f"(workspace included), over {'its' if plan.kernel_limits else 'the'} limit "
+                       f"of {int(limits[k]):,} ({len(over)} kernels over)")
         if not np.array_equal(fb, np.asarray(plan.fast_bytes, dtype=np.int64)):
             k = int(np.flatnonzero(fb != np.asarray(plan.fast_bytes))[0])
             out.append(f"the plan says {plan.fast_bytes[k]:,} bytes of fast memory at kernel #{k}, "
@@ -140,10 +145,13 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
     return out[:max_problems]
 
 
-def _check_paths(plan: Plan, graph: Graph, formulation: str) -> list[str]:
+def _check_paths(plan: Plan, graph: Graph, profile: Profile, formulation: str) -> list[str]:
     """Each free tensor's segments must trace a SOURCE -> SINK path of its flow graph."""
     out: list[str] = []
-    fg = build_flow_graphs(graph, formulation, window=plan.async_window, move_state=plan.move_state)
+    cand = plan.async_candidates if formulation == "asynchronous" else None
+    fg = build_flow_graphs(graph, formulation, window=plan.async_window, move_state=plan.move_state,
+                           async_candidates=cand,
+                           kernel_seconds=candidate_seconds(profile) if cand is not None else None)
     free = {int(s): p for p, s in enumerate(fg.storages)}
     plans = {tp.storage: tp for tp in plan.tensors}
     pairs: list[tuple[int, int]] = []
