@@ -93,17 +93,21 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _measure(step: Callable[[], Any], steps: int, device: torch.device, cap: float | None) -> tuple[str, float, int]:
-    """(status, median step seconds, peak bytes) of `step` under a memory fraction."""
+def _measure(step: Callable[[], Any], steps: int, device: torch.device,
+             cap: float | None) -> tuple[str, float, int, int]:
+    """(status, median step seconds, peak bytes, allocator retries) of `step` under a memory
+    fraction. A retry is the caching allocator freeing its cache to satisfy a request: a
+    device-wide synchronization, the cost of fragmentation under a cap."""
     _reset(cap)
+    before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     try:
         times = time_steps(step, steps, device, warmup=1)
         peak = torch.cuda.max_memory_allocated()
-        return "ok", median(times), peak
+        return "ok", median(times), peak, torch.cuda.memory_stats().get("num_alloc_retries", 0) - before
     except Exception as exc:  # noqa: BLE001 - out-of-memory is a result here, not a crash
         if _is_oom(exc):
-            return "out of memory", math.nan, torch.cuda.max_memory_allocated()
-        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", math.nan, 0
+            return "out of memory", math.nan, torch.cuda.max_memory_allocated(), 0
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", math.nan, 0, 0
     finally:
         torch.cuda.synchronize()
         _reset(None)
@@ -160,6 +164,42 @@ def forward_backward_seconds(model: nn.Module, opt: torch.optim.Optimizer, x: to
     return median(fwd), median(bwd)
 
 
+def stream_breakdown(step: Callable[[], Any]) -> dict[str, float]:
+    """Where one step's GPU time goes, from a torch.profiler trace: seconds of compute kernels,
+    of host<->device copies, and the step's span on the GPU. When the planned step is slower
+    than predicted, this says whether its kernels ran slower than profiled or waited on copies."""
+    import json as _json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        prof.export_chrome_trace(fh.name)
+        events = _json.load(open(fh.name)).get("traceEvents", [])
+    out = {"kernel_seconds": 0.0, "h2d_seconds": 0.0, "d2h_seconds": 0.0, "other_copy_seconds": 0.0}
+    lo, hi = math.inf, -math.inf
+    for e in events:
+        cat, dur = e.get("cat", ""), float(e.get("dur", 0.0)) * 1e-6
+        if cat not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        lo, hi = min(lo, e["ts"] * 1e-6), max(hi, e["ts"] * 1e-6 + dur)
+        if cat == "kernel":
+            out["kernel_seconds"] += dur
+        elif "HtoD" in e.get("name", ""):
+            out["h2d_seconds"] += dur
+        elif "DtoH" in e.get("name", ""):
+            out["d2h_seconds"] += dur
+        else:
+            out["other_copy_seconds"] += dur
+    out["gpu_span_seconds"] = hi - lo if hi > lo else 0.0
+    return out
+
+
 def lower_bound(peak: int, cap: int, t_f: float, t_b: float, bandwidth: float) -> float:
     """Transfer lower bound of any data-moving plan: E bytes out before the peak, back after."""
     e = max(peak - cap, 0)
@@ -184,14 +224,23 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
             break
         solve = time.perf_counter() - t0
         step = compile_plan(plan, model, lr=lr)
-        status, secs, peak = _measure(lambda: step(x, y), steps, x.device, cap / total)
+        status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total)
         stats = step.move_stats
         attempts.append({"limit": limit, "status": status, "peak": peak, "solve_seconds": solve,
                          "gap": plan.solver.gap, "solver_status": plan.solver.status})
         log(f"  autotm {formulation} attempt {attempt}: limit {limit / 2**30:.2f} GiB -> {status}, "
             f"{secs:.3f} s, peak {peak / 2**30:.2f} GiB (solve {solve:.1f} s, gap {plan.solver.gap:.3%})")
         if status == "ok" and peak <= cap:
-            extra = {"attempts": attempts, "bytes_moved": plan.bytes_moved, "moves": len(plan.moves),
+            _reset(cap / total)
+            try:
+                breakdown = stream_breakdown(lambda: step(x, y))
+            except Exception as exc:  # noqa: BLE001 - a diagnostic; the result stands without it
+                breakdown = {"error": str(exc).splitlines()[0][:200]}
+            finally:
+                _reset(None)
+            log(f"  breakdown: {breakdown}")
+            extra = {"breakdown": breakdown, "predicted_all_fast_seconds": plan.all_fast_seconds,
+                     "alloc_retries": retries, "attempts": attempts, "bytes_moved": plan.bytes_moved, "moves": len(plan.moves),
                      "unplanned_copies": stats.unplanned_copies if stats else None,
                      "predicted_fast_peak": plan.peak_fast_bytes}
             return MethodResult(f"autotm {formulation}", "ok", secs, peak, plan.predicted_seconds,
@@ -218,7 +267,7 @@ def run_case(name: str, batch: int, cap_fraction: float, *, steps: int = 5, time
     model, (x,), y = zoo.workload(name, batch, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=entry.lr)
     base = _eager(model, opt, x, y, "plain")
-    status, t_u, peak = _measure(base, steps, device, None)
+    status, t_u, peak, _ = _measure(base, steps, device, None)
     if status != "ok":
         raise RuntimeError(f"the unconstrained {name} batch {batch} step does not run: {status}")
     t_f, t_b = forward_backward_seconds(model, opt, x, y)
@@ -246,7 +295,7 @@ def run_case(name: str, batch: int, cap_fraction: float, *, steps: int = 5, time
             except ValueError:
                 methods.append(MethodResult("checkpoint_sequential(4)", "not applicable"))
                 continue
-        st, secs, pk = _measure(_eager(model, opt, x, y, peer), steps, device, cap / total)
+        st, secs, pk, _ = _measure(_eager(model, opt, x, y, peer), steps, device, cap / total)
         label = "checkpoint_sequential(4)" if peer == "checkpoint" else "save_on_cpu(pin_memory=True)"
         methods.append(MethodResult(label, st if st == "ok" and pk <= cap else (st if st != "ok" else "over the cap"),
                                     secs, pk))
@@ -304,7 +353,7 @@ def run_oversized(name: str, batch: int, budget: int, *, steps: int = 3, time_li
     _reset(None)
     ref, (rx,), ry = zoo.workload(name, reference_batch, device=device)
     opt = torch.optim.SGD(ref.parameters(), lr=entry.lr)
-    _, t_ref, _ = _measure(_eager(ref, opt, rx, ry, "plain"), steps, device, None)
+    _, t_ref, _, _ = _measure(_eager(ref, opt, rx, ry, "plain"), steps, device, None)
     t_f, t_b = forward_backward_seconds(ref, opt, rx, ry)
     scale = batch / reference_batch
     bw = min(prof.bandwidths.bandwidth(1 << 30, "read"), prof.bandwidths.bandwidth(1 << 30, "write"))

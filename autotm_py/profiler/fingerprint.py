@@ -1,7 +1,8 @@
 """Device fingerprints: which machine a cached timing belongs to.
 
 CPU: the CPU model, the intra-op thread count and the torch version. CUDA: the GPU name, the
-driver and CUDA versions, cuDNN, and the torch version. Readable on purpose: `autotm cache info`
+driver and CUDA versions, cuDNN, the torch version, and how short kernels were timed
+(`timing=graphs`: from CUDA graph replays; rows timed otherwise are not mixed in). Readable on purpose: `autotm cache info`
 shows them.
 """
 
@@ -37,5 +38,5 @@ def device_fingerprint(device: str = "cpu") -> str:
         idx = torch.cuda.current_device()
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         return (f"cuda|{torch.cuda.get_device_name(idx)}|driver={_driver_version()}"
-                f"|cuda={torch.version.cuda}|cudnn={cudnn}|torch={torch.__version__}")
+                f"|cuda={torch.version.cuda}|cudnn={cudnn}|torch={torch.__version__}|timing=graphs")
     return f"cpu|{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
