@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +25,7 @@ from torch import nn
 from ..graph import capture, zoo
 from ..optimizer import Infeasible, optimize
 from ..runtime import compile as compile_plan
+from ..runtime.defrag import MAX_CUT, kernel_memory_trace, lowered_limits, offending_kernels
 from ..runtime.step import median, time_steps
 
 
@@ -209,10 +211,10 @@ def lower_bound(peak: int, cap: int, t_f: float, t_b: float, bandwidth: float) -
 def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor,
                formulation: str, cap: int, total: int, steps: int, time_limit: float,
                max_retries: int = 3, log: Callable[[str], None] = print) -> MethodResult:
-    """Solve, run, and where the measured peak exceeds the cap (allocator fragmentation,
-    workspaces), lower the limit by half the overshoot (at least 2%, at most 10%) and
-    solve again, up to `max_retries` times."""
-    limit = cap
+    """Solve, run, and where the step does not fit under the cap (allocator fragmentation,
+    workspaces), trace its memory per kernel, lower the limit around the kernels that went
+    over (runtime.defrag) and solve again, up to `max_retries` times."""
+    limit: Any = cap
     attempts = []
     for attempt in range(max_retries + 1):
         t0 = time.perf_counter()
@@ -226,9 +228,9 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
         step = compile_plan(plan, model, lr=lr)
         status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total)
         stats = step.move_stats
-        attempts.append({"limit": limit, "status": status, "peak": peak, "solve_seconds": solve,
+        attempts.append({"limit": int(np.min(limit)), "status": status, "peak": peak, "solve_seconds": solve,
                          "gap": plan.solver.gap, "solver_status": plan.solver.status})
-        log(f"  autotm {formulation} attempt {attempt}: limit {limit / 2**30:.2f} GiB -> {status}, "
+        log(f"  autotm {formulation} attempt {attempt}: limit {np.min(limit) / 2**30:.2f} GiB -> {status}, "
             f"{secs:.3f} s, peak {peak / 2**30:.2f} GiB (solve {solve:.1f} s, gap {plan.solver.gap:.3%})")
         if status == "ok" and peak <= cap:
             _reset(cap / total)
@@ -245,13 +247,34 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
                      "predicted_fast_peak": plan.peak_fast_bytes}
             return MethodResult(f"autotm {formulation}", "ok", secs, peak, plan.predicted_seconds,
                                 f"{attempt} re-solve(s)" if attempt else "", extra)
-        overshoot = (peak / cap - 1) if status == "ok" else 0.1
-        limit = int(limit * min(0.98, max(0.90, 1 - overshoot / 2)))
+        per_kernel = np.broadcast_to(np.asarray(limit, dtype=np.int64), (len(graph.kernels),))
+        limit, where = _repaired(step, x, y, per_kernel, cap, total, peak, status)
+        attempts[-1]["lowered_at"] = where[:50]
+        log(f"  lowered the limit around {len(where)} kernel(s)" if where else "  lowered the limit everywhere")
         del step
     last = attempts[-1]
     return MethodResult(f"autotm {formulation}", last["status"] if last["status"] != "ok" else "over the cap",
                         math.nan, last.get("peak", 0), math.nan,
                         f"{len(attempts) - 1} re-solve(s) did not fit", {"attempts": attempts})
+
+
+def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, cap: int, total: int,
+              peak: int, status: str) -> tuple[np.ndarray, list[int]]:
+    """(lowered per-kernel limits, the kernels that went over the cap). A step that went over
+    between kernels, or whose trace failed otherwise, gets its limit lowered everywhere."""
+    _reset(cap / total)
+    try:
+        trace = kernel_memory_trace(step, x, y)
+    except Exception:  # noqa: BLE001 - without a trace the repair is the global one
+        trace = None
+    finally:
+        _reset(None)
+    if trace is not None:
+        offending, worst = offending_kernels(trace, np.full(len(limits), cap))
+        if len(offending):
+            return lowered_limits(limits, offending, worst), offending.tolist()
+    overshoot = (peak / cap - 1) if status == "ok" else 2 * MAX_CUT
+    return lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), []
 
 
 def run_case(name: str, batch: int, cap_fraction: float, *, steps: int = 5, time_limit: float = 120.0,

@@ -131,8 +131,8 @@ class PlannedStep:
             out.append(step)
         return out
 
-    def __call__(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one training step with the plan; returns the loss (a 0-d tensor)."""
+    def _begin(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None) -> list:
+        """The step's flat arguments; prepares on the first call and opens the mover's step."""
         if isinstance(inputs, torch.Tensor):
             inputs = (inputs,)
         if self._module is None:
@@ -140,8 +140,22 @@ class PlannedStep:
         assert self._mover is not None
         flat = step_arguments(self.model, self._state, inputs, target)
         self._mover.begin_step()
+        return flat
+
+    def __call__(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one training step with the plan; returns the loss (a 0-d tensor)."""
+        flat = self._begin(inputs, target)
         with torch.no_grad():
             (loss,) = self._module(*flat)
+        return loss
+
+    def run_interpreted(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None,
+                        make: Callable[[Any], Any]) -> torch.Tensor:
+        """Run one step through the fx.Interpreter `make(module)` returns (to observe each node
+        as it runs, as the memory trace does); otherwise like calling the step."""
+        flat = self._begin(inputs, target)
+        with torch.no_grad():
+            (loss,) = make(self._module).run(*flat)
         return loss
 
     @property

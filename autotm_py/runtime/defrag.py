@@ -1,0 +1,103 @@
+"""Repair a plan that does not fit on the device (reference 5.2, the original's defragmentation
+loop): measure how much device memory is allocated while each kernel of the planned step runs,
+lower the fast-memory limit in windows around the kernels that went over it, and solve again.
+
+The plan counts tensor bytes; the caching allocator adds rounding, fragmentation and the
+workspaces cuDNN picks at run time. Lowering only local windows keeps the rest of the step as
+free as the budget allows, where lowering the whole limit would move data everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import fx
+
+from .step import PlannedStep, RunError
+
+WINDOW = 10  # kernels on each side of an offending one whose limit is lowered (as the original)
+MIN_CUT, MAX_CUT = 0.02, 0.10  # each repair lowers a window's limit by 2% to 10%
+
+
+@dataclass(frozen=True)
+class MemoryTrace:
+    """Device memory of one planned step, per kernel of its graph."""
+
+    peaks: np.ndarray  # (K,) most bytes allocated while the kernel ran, moves before it included; 0 if it did not run
+    failed_kernel: int | None  # the kernel during which an allocation failed (out of memory), if one did
+
+
+class _PeakProbe(fx.Interpreter):
+    """Runs the rewritten step node by node and records the allocator's peak around each kernel.
+    The peak counter is reset before a kernel, so it starts at what is allocated then (the
+    tensors live across it, including copies the moves before it made)."""
+
+    def __init__(self, gm: fx.GraphModule, num_kernels: int) -> None:
+        super().__init__(gm)
+        self.peaks = np.zeros(num_kernels, dtype=np.int64)
+        self.current: int | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        k = n.meta.get("autotm_kernel") if n.op == "call_function" else None
+        if k is None:
+            return super().run_node(n)
+        self.current = int(k)
+        torch.cuda.reset_peak_memory_stats()
+        out = super().run_node(n)
+        self.peaks[k] = max(int(self.peaks[k]), torch.cuda.max_memory_allocated())
+        return out
+
+
+def kernel_memory_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.Tensor,
+                        target: torch.Tensor | None = None) -> MemoryTrace:
+    """Run one planned CUDA step (it updates the model like any other) and return the device
+    memory allocated per kernel. An out-of-memory error ends the step and names its kernel."""
+    if step.plan.device != "cuda":
+        raise RunError("a memory trace needs a CUDA plan: on the CPU the allocator does not count tiers")
+    probe_box: list[_PeakProbe] = []
+
+    def make(gm: fx.GraphModule) -> fx.Interpreter:
+        probe_box.append(_PeakProbe(gm, len(step.plan.kernel_masks)))
+        return probe_box[0]
+
+    failed = None
+    try:
+        step.run_interpreted(inputs, target, make)
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        failed = probe_box[0].current if probe_box else None
+    if not probe_box:
+        raise RunError("the planned step did not start")
+    return MemoryTrace(probe_box[0].peaks.copy(), failed)
+
+
+def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarray, float]:
+    """(kernels whose measured memory went over their limit, the worst measured/limit ratio).
+    A kernel that ran out of memory is offending; its overshoot is unknown, so it counts as
+    twice the largest cut (the cut is half the overshoot)."""
+    lim = np.maximum(np.asarray(limits, dtype=np.int64), 1)
+    over = trace.peaks > lim
+    ratio = float((trace.peaks / lim).max()) if len(lim) else 0.0
+    if trace.failed_kernel is not None:
+        over[trace.failed_kernel] = True
+        ratio = max(ratio, 1 + 2 * MAX_CUT)
+    return np.flatnonzero(over), ratio
+
+
+def lowered_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float,
+                   window: int = WINDOW) -> np.ndarray:
+    """Per-kernel limits with every kernel within `window` of an offending one cut by half the
+    relative overshoot (between MIN_CUT and MAX_CUT), once, however many windows cover it."""
+    lim = np.asarray(limits, dtype=np.int64).copy()
+    if len(offending) == 0:
+        return lim
+    cut = min(MAX_CUT, max(MIN_CUT, (worst_ratio - 1) / 2))
+    mark = np.zeros(len(lim) + 1, dtype=np.int64)
+    np.add.at(mark, np.clip(offending - window, 0, len(lim)), 1)
+    np.add.at(mark, np.clip(offending + window + 1, 0, len(lim)), -1)
+    covered = np.cumsum(mark[:-1]) > 0
+    lim[covered] = np.floor(lim[covered] * (1 - cut)).astype(np.int64)
+    return lim

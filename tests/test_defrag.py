@@ -1,0 +1,100 @@
+"""The repair loop's parts: a step run node by node is the same step, and limits are lowered
+in windows around the kernels that went over, as worked out by hand."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import fx
+
+from autotm_py.optimizer import optimize
+from autotm_py.runtime import compile as compile_plan
+from autotm_py.runtime.defrag import (MAX_CUT, MIN_CUT, MemoryTrace, kernel_memory_trace, lowered_limits,
+                                      offending_kernels)
+from autotm_py.runtime.step import RunError
+
+from .test_runtime import small  # noqa: F401 - the shared tiny CNN, its graph and profile
+
+
+class _Visits(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.kernels: list[int] = []
+
+    def run_node(self, n: fx.Node):
+        if n.op == "call_function" and "autotm_kernel" in n.meta:
+            self.kernels.append(n.meta["autotm_kernel"])
+        return super().run_node(n)
+
+
+def test_interpreted_step_equals_the_step_and_visits_every_kernel(small) -> None:  # noqa: F811
+    model, x, y, graph, prof, cache = small
+    plan = optimize(graph, prof, formulation="synchronous", limit_bytes=int(graph.peak_live_bytes * 0.6))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    step_a, step_b = compile_plan(plan, a, lr=0.05), compile_plan(plan, b, lr=0.05)
+    seen: list[_Visits] = []
+
+    def make(gm: fx.GraphModule) -> fx.Interpreter:
+        seen.append(_Visits(gm))
+        return seen[-1]
+
+    for i in range(2):
+        torch.manual_seed(7 + i)
+        loss_a = step_a(x, y)
+        torch.manual_seed(7 + i)
+        loss_b = step_b.run_interpreted(x, y, make)
+        assert torch.equal(loss_a, loss_b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert seen[0].kernels == list(range(len(graph.kernels)))  # each kernel once, in order
+    with pytest.raises(RunError, match="CUDA plan"):
+        kernel_memory_trace(step_b, x, y)
+    step_a.close()
+    step_b.close()
+
+
+def test_lowered_limits_cut_windows_once() -> None:
+    lim = np.full(30, 1000, dtype=np.int64)
+    # 10% over at kernel 5: a 5% cut on kernels 0..15 (window 10), the rest untouched
+    out = lowered_limits(lim, np.array([5]), 1.10)
+    assert out[:16].tolist() == [950] * 16 and out[16:].tolist() == [1000] * 14
+    # two overlapping windows still cut once; a large overshoot is capped at MAX_CUT
+    out = lowered_limits(lim, np.array([12, 14]), 3.0)
+    assert out[2:25].tolist() == [int(1000 * (1 - MAX_CUT))] * 23 and out[:2].tolist() == [1000, 1000]
+    assert out[25:].tolist() == [1000] * 5
+    # a tiny overshoot still makes progress: MIN_CUT, window clipped at both ends
+    out = lowered_limits(lim, np.array([0, 29]), 1.001, window=2)
+    assert out.tolist() == [980] * 3 + [1000] * 24 + [980] * 3
+    assert lowered_limits(lim, np.array([], dtype=np.int64), 2.0).tolist() == lim.tolist()
+
+
+def test_offending_kernels_from_a_trace() -> None:
+    lim = np.array([100, 100, 80, 100])
+    k, worst = offending_kernels(MemoryTrace(np.array([90, 120, 84, 0]), None), lim)
+    assert k.tolist() == [1, 2] and worst == pytest.approx(1.2)
+    # out of memory at kernel 3 (it never finished): offending, at least the largest cut's overshoot
+    k, worst = offending_kernels(MemoryTrace(np.array([90, 95, 70, 0]), 3), lim)
+    assert k.tolist() == [3] and worst == pytest.approx(1 + 2 * MAX_CUT)
+    assert MIN_CUT < MAX_CUT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_trace_peak_matches_the_allocator() -> None:
+    from autotm_py.graph import capture, zoo
+    from autotm_py.profiler import profile
+
+    model, (x,), y = zoo.workload("resnet50", 8, device="cuda")
+    graph = capture(model, (x,), y, lr=0.01, device="cuda")
+    prof = profile(graph, device="cuda", progress=False)
+    plan = optimize(graph, prof, formulation="synchronous", limit_bytes=int(graph.peak_live_bytes * 0.7))
+    step = compile_plan(plan, model, lr=0.01)
+    step(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step(x, y)
+    torch.cuda.synchronize()
+    whole = torch.cuda.max_memory_allocated()
+    trace = kernel_memory_trace(step, x, y)
+    assert trace.failed_kernel is None
+    assert abs(int(trace.peaks.max()) - whole) <= 0.02 * whole
