@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable
@@ -119,15 +120,19 @@ def _profile(graph: Graph, cfg: BenchConfig) -> tuple[Any, str]:
     return prof, f"kernel cache, slow tier {cfg.slow_tier or 'default'}" + (" (modeled)" if prof.modeled else "")
 
 
-def _measure_unplanned(w: Workload, steps: int) -> float:
+def _unplanned(w: Workload) -> Callable[[], float]:
+    """A function timing one unplanned (all fast) step, warmed up once. Each measured plan is
+    paired with unplanned steps timed just before it, so that load from other processes on
+    a shared machine shifts both alike."""
     import torch
 
     from ..runtime import time_steps, unplanned_step
-    from ..runtime.step import median, spec_from_optimizer
+    from ..runtime.step import spec_from_optimizer
 
     net, inputs, target, lr, _, _ = _build(w, "cpu")
     run = unplanned_step(net, spec_from_optimizer(None, lr, "cross_entropy"), inputs, target)
-    return median(time_steps(run, steps, torch.device("cpu")))
+    run()
+    return lambda: time_steps(run, 1, torch.device("cpu"), warmup=0)[0]
 
 
 def _measure_plan(plan: Any, w: Workload, steps: int, slow_tier: str | None) -> float:
@@ -158,12 +163,11 @@ def run_workload(w: Workload, cfg: BenchConfig, *, results: str | None = None,
     fixed = sum(t.nbytes for t in graph.tensors if t.fixed)
     log(f"{graph.name} {graph.batch}: {len(graph.kernels)} kernels, peak {graph.peak_live_bytes / 1e9:.2f} GB, "
         f"{source}, ready in {time.perf_counter() - t0:.1f} s")
-    fast_measured = _measure_unplanned(w, cfg.steps) if cfg.measure else None
+    unplanned = _unplanned(w) if cfg.measure else None
     machine = _machine()
     base = RunRecord(cfg.experiment, graph.name, graph.batch, "", None, None, 0, "ok", source, prof.modeled,
                      graph.peak_live_bytes, graph.io_bytes, fixed, len(graph.kernels),
-                     all_fast_seconds=prof.all_fast_seconds, measured_all_fast_seconds=fast_measured,
-                     machine=machine)
+                     all_fast_seconds=prof.all_fast_seconds, machine=machine)
     out: list[RunRecord] = []
     for lim in cfg.limits:
         for form in cfg.formulations:
@@ -178,9 +182,11 @@ def run_workload(w: Workload, cfg: BenchConfig, *, results: str | None = None,
                               all_fast_seconds=plan.all_fast_seconds, slowdown=plan.slowdown,
                               bytes_moved=plan.bytes_moved, peak_fast_bytes=plan.peak_fast_bytes,
                               modeled=plan.modeled, solver=asdict(plan.solver), metrics=dict(plan.metrics))
-                if cfg.measure and form not in NOT_RUNNABLE:
+                if unplanned is not None and form not in NOT_RUNNABLE:
+                    fast = statistics.median(unplanned() for _ in range(cfg.steps))
                     rec = replace(rec, measured_seconds=_measure_plan(plan, w, cfg.steps, cfg.slow_tier),
-                                  measured_steps=cfg.steps, slow_tier=cfg.slow_tier)
+                                  measured_all_fast_seconds=fast, measured_steps=cfg.steps,
+                                  slow_tier=cfg.slow_tier)
             except Infeasible as exc:
                 rec = replace(rec, status="infeasible", error=str(exc), limit_bytes=_limit(graph, lim))
             except Exception as exc:  # noqa: BLE001 - one failed run must not end the bench; it is recorded

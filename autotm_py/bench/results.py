@@ -51,7 +51,7 @@ class RunRecord:
     bytes_moved: int = 0
     peak_fast_bytes: int = 0
     measured_seconds: float | None = None  # median of the timed steps, when run for real
-    measured_all_fast_seconds: float | None = None  # the unplanned step, same machine
+    measured_all_fast_seconds: float | None = None  # the unplanned step, timed just before the plan
     measured_steps: int = 0
     slow_tier: str | None = None  # where slow tensors lived in a measured run
     solver: Mapping[str, Any] = field(default_factory=dict)
