@@ -95,17 +95,19 @@ def test_case_study_three_panels() -> None:
 
 
 def test_error_bars_from_measured_runs() -> None:
-    ax = error_figure(conventional("a", measured=True) + conventional("b")).axes[0]
+    ax, rel = error_figure(conventional("a", measured=True) + conventional("b")).axes
     # only the measured network, static and synchronous, at three ratios
-    assert len(ax.patches) == 2 * 3
+    assert len(ax.patches) == len(rel.patches) == 2 * 3
     assert heights(ax)[:3] == pytest.approx([100 * (4.0 - 4.5) / 4.5, 100 * (2.5 - 3.0) / 3.0, 100 * (1 - 1.5) / 1.5])
+    # predicted slowdown (seconds / 1.0) against measured (measured / 1.5 s unplanned)
+    assert heights(rel)[:3] == pytest.approx([100 * (t - (t + 0.5) / 1.5) / ((t + 0.5) / 1.5) for t in (4.0, 2.5, 1.0)])
 
 
 def test_gpu_bars_and_lower_bound_from_the_committed_report() -> None:
     report = load_gpu_report(GPU_REPORT)
     ax = gpu_figure(report).axes[0]
     ok = sum(1 + sum(m["status"] == "ok" for m in c["methods"]) for c in report["cases"])
-    assert len(ax.patches) == ok == 8
+    assert ok >= 3 and len(ax.patches) == ok
     lb = [c for c in ax.collections if isinstance(c, LineCollection)]
     assert len(lb) == len(report["cases"])
     assert lb[0].get_segments()[0][0][1] == pytest.approx(report["cases"][0]["lower_bound_seconds"])
