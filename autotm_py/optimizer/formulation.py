@@ -11,7 +11,8 @@ from ..graph.types import Graph
 from ..profiler.types import Profile
 from .flowgraph import NONE, PMEM, READ, edge_ids, walk
 from .ilp import BYTE_UNIT, Model, build_model, trace_paths
-from .limits import Limit, explain_infeasible, infeasible_kernel, is_per_kernel, kernel_limits
+from .limits import (Limit, explain_infeasible, infeasible_kernel, is_per_kernel, kernel_limits,
+                     kernel_workspace)
 from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan,
                    fast_bytes_per_kernel, fixed_tensor_plans, kernel_seconds, plan_metrics,
                    predict_seconds)
@@ -52,7 +53,15 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
     warm_seconds = time.perf_counter() - t0
     model = build_model(graph, profile, formulation, limits, window=async_window,
                         move_state=move_state, async_candidates=async_candidates)
-    x0 = start_vector(model, graph, profile, start) if start is not None else None
+    x0 = None
+    if start is not None:
+        x0 = start_vector(model, graph, profile, start)
+        if formulation == "asynchronous" and x0 is not None:
+            # hand HiGHS the sync plan with its moves overlapped where that is clearly
+            # better: large models may not get past their root LP to find such plans
+            x1 = start_vector(model, graph, profile, overlap_moves(graph, profile, model, start, limits))
+            if x1 is not None and is_feasible(model, x1) and model.c @ x1 < model.c @ x0:
+                x0 = x1
     try:
         sol = solve(model, backend=solver, time_limit=max(time_limit - warm_seconds, 1.0),
                     mip_gap=mip_gap, start=x0)
@@ -103,6 +112,93 @@ def start_vector(model: Model, graph: Graph, profile: Profile, plan: Plan) -> np
     for k, c in zip(model.z_kernel.tolist(), model.z_col.tolist()):
         x[c] = max(kernel_seconds(profile, k, plan.kernel_masks[k]), load.get(k, 0.0))
     return x
+
+
+def overlap_moves(graph: Graph, profile: Profile, model: Model, plan: Plan,
+                  limits: np.ndarray) -> Plan:
+    """A greedy asynchronous version of a synchronous `plan`: each sync move, costliest
+    first, becomes an async move at the candidate kernel of its interval (between the
+    neighbouring uses) that saves the most time, if the tensor then fits in fast memory at
+    every kernel it newly occupies (a fetch brought forward, a write-back put off).
+    Only a start for the solver; the returned Plan carries tensors and moves, nothing else
+    is updated."""
+    fg = model.fg
+    bw = profile.bandwidths
+    pos_of = {int(s): p for p, s in enumerate(fg.storages)}
+    K = len(graph.kernels)
+    cap = limits - kernel_workspace(graph, profile, "asynchronous", limits, move_state=plan.move_state)
+    room = cap - fast_bytes_per_kernel(graph, plan.tensors)  # bytes free at each kernel
+    ktime = np.zeros(K)
+    for k in graph.compute_kernels:
+        ktime[k.index] = kernel_seconds(profile, k.index, plan.kernel_masks[k.index])
+    load = np.zeros(K)
+    added: dict[int, list[tuple[int, int]]] = {}  # storage -> kernel ranges made fast
+    kept: list[Move] = []
+    new: list[Move] = []
+    order = sorted(plan.moves, key=lambda mv: -bw.move_seconds(
+        mv.nbytes, "read" if mv.direction == "to_fast" else "write", mv.kind == "async"))
+    for mv in order:
+        p = pos_of.get(mv.storage)
+        if mv.kind != "sync" or p is None or not fg.has_producer[p]:
+            kept.append(mv)
+            continue
+        gk = fg.g_kernel[fg.g_ptr[p]:fg.g_ptr[p + 1]]
+        ga = fg.g_async[fg.g_ptr[p]:fg.g_ptr[p + 1]]
+        users = gk[~ga]
+        read = mv.direction == "to_fast"
+        d = "read" if read else "write"
+        saved = bw.move_seconds(mv.nbytes, d, False)
+        lag = bw.move_seconds(mv.nbytes, d, True)
+        i = int(np.searchsorted(users, mv.kernel))
+        lo, hi = (users[i - 1], mv.kernel) if read else (mv.kernel, users[i + 1] if i + 1 < len(users) else K)
+        best = None
+        for j in gk[ga & (gk > lo) & (gk < hi)].tolist():
+            a, b = (j, mv.kernel - 1) if read else (mv.kernel + 1, j)  # newly fast kernels
+            if any(x <= b and a <= y for x, y in added.get(mv.storage, ())):
+                continue
+            if room[a:b + 1].min(initial=np.iinfo(np.int64).max) < mv.nbytes:
+                continue
+            gain = saved - (max(ktime[j], load[j] + lag) - max(ktime[j], load[j]))
+            if gain > 1e-12 and (best is None or gain > best[0] + 1e-15):
+                best = (gain, j, a, b)
+        if best is None:
+            kept.append(mv)
+            continue
+        _, j, a, b = best
+        room[a:b + 1] -= mv.nbytes
+        load[j] += lag
+        added.setdefault(mv.storage, []).append((a, b))
+        new.append(Move(mv.storage, mv.direction, "async", j, mv.nbytes))
+    tensors = []
+    for tp in plan.tensors:
+        ranges = added.get(tp.storage)
+        if not ranges:
+            tensors.append(tp)
+            continue
+        t = graph.tensors[tp.storage]
+        p = pos_of[tp.storage]
+
+        def fast(k: int) -> bool:
+            return tp.tier_at(k) == FAST or any(x <= k <= y for x, y in ranges)
+
+        segs = []
+        for k in fg.g_kernel[fg.g_ptr[p]:fg.g_ptr[p + 1]].tolist():
+            during = fast(k)
+            after = fast(k + 1) if k + 1 <= t.last else during
+            segs.append((k, FAST if during else SLOW, FAST if after else SLOW))
+        tensors.append(TensorPlan(tp.storage, tp.initial, tuple(segs)))
+    return dataclasses.replace(plan, formulation="asynchronous", tensors=tuple(tensors),
+                               moves=tuple(sorted(kept + new, key=lambda mv: (mv.kernel, mv.storage))))
+
+
+def is_feasible(model: Model, x: np.ndarray, tol: float = 1e-9) -> bool:
+    """Does x satisfy every row and column bound of the model?"""
+    ax = np.zeros(model.num_rows)
+    rows = np.repeat(np.arange(model.num_rows), np.diff(model.a_start))
+    np.add.at(ax, rows, model.a_value * x[model.a_index])
+    scale = np.maximum(1.0, np.abs(ax))
+    return bool(((ax >= model.row_lower - tol * scale) & (ax <= model.row_upper + tol * scale)).all()
+                and ((x >= model.col_lower - tol) & (x <= model.col_upper + tol)).all())
 
 
 def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Solution,
