@@ -146,17 +146,17 @@ def _summary_table(experiment: str, records: list[Any], results: str) -> None:
         ratios = list(dict.fromkeys(r for _, r in geo))
         forms = list(dict.fromkeys(f for f, _ in geo))
         kind = "measured" if measured else ("predicted, modeled" if any(r.modeled for r in records) else "predicted")
-        t = Table(title=f"geomean slowdown against all fast memory ({kind}); ratio fast:slow (paper PMM:DRAM)")
-        t.add_column("formulation")
+        t = Table(title=f"geomean slowdown against all fast memory ({kind}), (networks)")
+        t.add_column("fast:slow (paper PMM:DRAM)")
+        for f in forms:
+            t.add_column(f, justify="right")
         for r in ratios:
             fast, slow = r.split(":")
-            t.add_column(f"{r} ({slow}:{fast})", justify="right")
-        for f in forms:
             cells = []
-            for r in ratios:
+            for f in forms:
                 g = geo.get((f, r))
                 cells.append("-" if g is None or math.isnan(g[0]) else f"x{g[0]:.3f} ({g[1]})")
-            t.add_row(f, *cells)
+            t.add_row(f"{r} ({slow}:{fast})", *cells)
         console.print(t)
 
 
