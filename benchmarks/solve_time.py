@@ -8,8 +8,9 @@ real is too slow on a small machine) with the profiler's Optane model for slow p
 Writes benchmarks/results/solve_time.json and solve_time.md.
 
 The asynchronous formulation runs with the optimizer's default candidate restriction
-(`async_candidates`); `asynchronous-all` is the same formulation with every kernel of the
-window as a candidate, to measure what the restriction gives up where that model solves.
+(`async_candidates="auto"`); `asynchronous-all` is the same formulation with every kernel of
+the window as a candidate and `asynchronous-2` with the restriction forced, to measure what
+the restriction gives up where the unrestricted model solves.
 
     python benchmarks/solve_time.py [--models vgg19:2048,...] [--formulations ...]
 """
@@ -25,14 +26,14 @@ import sys
 import time
 
 from autotm_py.cli.common import capture_workload
-from autotm_py.optimizer import ASYNC_CANDIDATES, optimize, verify
+from autotm_py.optimizer import ASYNC_CANDIDATES, ASYNC_FULL_BELOW, optimize, verify
 from autotm_py.optimizer.roofline import roofline_profile
 
 CONVENTIONAL = (("inception_v4", 1024), ("resnet200", 512), ("vgg19", 2048), ("densenet264", 512),
                 ("transformer", 512))
 FORMS = ("static", "synchronous", "asynchronous", "numa", "2lm")
 # formulation label -> (optimizer formulation, async_candidates)
-VARIANTS = {"asynchronous-all": ("asynchronous", None)}
+VARIANTS = {"asynchronous-all": ("asynchronous", None), "asynchronous-2": ("asynchronous", 2)}
 
 
 def _load() -> list[float] | None:
@@ -54,9 +55,10 @@ def main() -> None:
     ap.add_argument("--ratio", default="1:4")
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--gap", type=float, default=0.01)
-    ap.add_argument("--async-candidates", type=lambda v: None if v == "all" else int(v),
-                    default=ASYNC_CANDIDATES,
-                    help="Longest overlap candidates kept per interval between uses ('all': no restriction).")
+    ap.add_argument("--async-candidates", type=lambda v: v if v == "auto" else None if v == "all" else int(v),
+                    default="auto",
+                    help="Longest overlap candidates kept per interval between uses ('all': no "
+                         "restriction; 'auto': the optimizer's default).")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--merge", action="store_true",
                     help="Keep the rows of other (network, formulation) pairs from an earlier solve_time.json.")
@@ -134,24 +136,29 @@ def markdown(result: dict) -> str:
              f"(load average {result.get('load_before')} before, {result.get('load_after')} after: "
              "other jobs shared the cores).", "",
              "The gap is relative to the objective, the predicted step time (every kernel's time "
-             "included). The asynchronous formulation keeps, per interval between two uses of a "
-             "tensor, the first, the last and the "
-             f"{result.get('async_candidates')} longest kernels of the ±15 window as overlap "
-             "candidates (`async_candidates`); its gap is relative to that model. "
-             "`asynchronous-all` keeps every candidate. The slowdown is against the all-fast "
+             "included). The asynchronous formulation runs with `async_candidates="
+             f"{result.get('async_candidates')!r}`: "
+             f"a graph whose ±15 window holds more than {ASYNC_FULL_BELOW:,} overlap candidates keeps, "
+             "per interval between two uses of a tensor, the first, the last and the "
+             f"{ASYNC_CANDIDATES} longest kernels (column `candidates`: kept per interval beside "
+             "the ends, `all` = unrestricted); its gap is relative to that model. "
+             "`asynchronous-all` keeps every candidate, `asynchronous-2` restricts whatever the "
+             "size. The slowdown is against the all-fast "
              "time, which with these kernel times (no slow placement is faster) bounds every "
              "plan from below.", "",
-             "| network | formulation | status | build s | solve s | gap | variables | constraints | "
-             "nonzeros | slowdown vs all fast | GB moved |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| network | formulation | candidates | status | build s | solve s | gap | variables | "
+             "constraints | nonzeros | slowdown vs all fast | GB moved |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if r["status"] == "error":
-            lines.append(f"| {r['model']} {r['batch']} | {r['formulation']} | error: {r['error'][:80]} "
+            lines.append(f"| {r['model']} {r['batch']} | {r['formulation']} | | error: {r['error'][:80]} "
                          "| | | | | | | | |")
             continue
-        ilp = "variables" in r
+        ilp = r["formulation"].startswith(("static", "synchronous", "asynchronous"))
+        cand = ("-" if not r["formulation"].startswith("asynchronous") else
+                "all" if r.get("async_candidates") is None else str(r["async_candidates"]))
         lines.append(
-            f"| {r['model']} {r['batch']} | {r['formulation']} | {r['status']} | "
+            f"| {r['model']} {r['batch']} | {r['formulation']} | {cand} | {r['status']} | "
             + (f"{r['build_seconds']:.2f} | {r['solve_seconds']:.2f} | {100 * r['gap']:.2f}% | "
                f"{r['variables']:,} | {r['constraints']:,} | {r['nonzeros']:,} | " if ilp else "- | - | - | - | - | - | ")
             + f"x{r['slowdown']:.3f} | {r['bytes_moved'] / 1e9:.1f} |")

@@ -433,3 +433,27 @@ def test_overlapped_sync_plan_is_a_better_feasible_async_start():
     bad = x1.copy()
     bad[np.flatnonzero(x1 > 0.5)[0]] = 0.0
     assert not is_feasible(m, bad)
+
+
+def test_async_candidates_auto_restricts_only_large_windows():
+    from autotm_py.optimizer import formulation as F
+    from autotm_py.optimizer.flowgraph import build_flow_graphs, candidate_seconds
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3)
+    secs = candidate_seconds(prof)
+    full = build_flow_graphs(g, "asynchronous", window=3)
+    n = int(full.g_async.sum())
+    small = build_flow_graphs(g, "asynchronous", window=3, async_candidates=0, kernel_seconds=secs,
+                              full_below=n)
+    assert small.async_candidates is None and small.g_kernel.tolist() == full.g_kernel.tolist()
+    large = build_flow_graphs(g, "asynchronous", window=3, async_candidates=0, kernel_seconds=secs,
+                              full_below=n - 1)
+    assert large.async_candidates == 0 and int(large.g_async.sum()) < n
+    assert F.async_restriction("auto") == (F.ASYNC_CANDIDATES, F.ASYNC_FULL_BELOW)
+    assert F.async_restriction(None) == (None, None) and F.async_restriction(3) == (3, None)
+    for bad in ("all", -1, 1.5, True):
+        with pytest.raises(ValueError, match="async_candidates"):
+            F.async_restriction(bad)
+    plan = optimize(g, prof, formulation="asynchronous", limit_bytes=180, async_window=3)
+    assert plan.async_candidates is None  # "auto" on a graph this small

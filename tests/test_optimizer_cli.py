@@ -56,3 +56,17 @@ def test_plan_of_other_schema(tmp_path):
     d["schema"] = 0
     out.write_text(json.dumps(d))
     _one_sentence(run(W, "--estimate", "--check", str(out)), "schema")
+
+
+def test_async_candidates_option(tmp_path):
+    from autotm_py.optimizer.plan import Plan
+
+    _one_sentence(run(W, "--ratio", "1:4", "--estimate", "--async-candidates", "x"), "--async-candidates")
+    # the default (auto) keeps every candidate of a graph this small
+    for value, want in (("all", None), (None, None), ("1", 1)):
+        out = tmp_path / f"{value}.json"
+        extra = ["--async-candidates", value] if value else []
+        r = run(W, "--batch", "64", "--ratio", "1:2", "--estimate", "--formulation", "asynchronous",
+                "--out", str(out), *extra)
+        assert r.exit_code == 0, r.output
+        assert Plan.load(str(out)).async_candidates == want

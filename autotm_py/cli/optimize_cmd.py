@@ -75,6 +75,10 @@ def _summary(plan: Any) -> dict[str, Any]:
 @click.option("--gap", type=float, default=0.01, show_default=True, help="Relative MIP gap to stop at.")
 @click.option("--async-window", type=int, default=15, show_default=True,
               help="Asynchronous formulation: kernels within this many positions of a user may overlap a move.")
+@click.option("--async-candidates", default="auto", show_default=True, metavar="auto|all|N",
+              help="Asynchronous formulation: per interval between two uses of a tensor, the first, the "
+                   "last and the N longest kernels of the window may overlap a move; all: every one; "
+                   "auto: 2 on large graphs, all on small ones.")
 @click.option("--move-state", is_flag=True, help="Let parameters, inputs and optimizer state move too.")
 @click.option("--estimate", is_flag=True,
               help="Use a roofline estimate of kernel times instead of profiling (modeled).")
@@ -90,7 +94,7 @@ def _summary(plan: Any) -> dict[str, Any]:
 @_optimizer_errors
 def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | None, budget: str | None,
                  formulation: str, device: str, solver: str, time_limit: float, gap: float,
-                 async_window: int, move_state: bool, estimate: bool, slow_tier: str | None,
+                 async_window: int, async_candidates: str, move_state: bool, estimate: bool, slow_tier: str | None,
                  cache: str | None, optimizer: str, check_plan: str | None, as_json: bool,
                  out: str | None) -> None:
     """Decide where every tensor of MODEL's training step lives and when it moves.
@@ -125,6 +129,11 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
         raise UserError(f"--gap is a relative gap in [0, 1), got {gap}")
     if async_window < 0:
         raise UserError(f"--async-window must be >= 0, got {async_window}")
+    if async_candidates not in ("auto", "all") and not async_candidates.isdigit():
+        raise UserError("--async-candidates must be auto, all or a whole number >= 0, "
+                        f"got {async_candidates}")
+    candidates: int | str | None = (None if async_candidates == "all" else async_candidates
+                                    if async_candidates == "auto" else int(async_candidates))
     check_device(device)
 
     graph = capture_workload(model, batch, device=device, optimizer=optimizer)
@@ -153,7 +162,8 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
             if not as_json:
                 console.print(f"[dim]solving {f} ...[/]", highlight=False)
             plan = optimize(graph, prof, formulation=f, limit_bytes=limit_bytes, time_limit=time_limit,
-                            mip_gap=gap, solver=solver, async_window=async_window, move_state=move_state)
+                            mip_gap=gap, solver=solver, async_window=async_window,
+                            async_candidates=candidates, move_state=move_state)
             if ratio is not None:
                 from dataclasses import replace
 

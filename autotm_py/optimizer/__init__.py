@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .formulation import ASYNC_CANDIDATES
+from .formulation import ASYNC_CANDIDATES, ASYNC_FULL_BELOW, AsyncCandidates
 from .limits import Limit, is_per_kernel, kernel_limits, limit_from_ratio, minimum_fast_bytes, parse_ratio
 from .plan import Move, Plan, SolverStats, TensorPlan
 from .solver import Infeasible, SolverFailed
@@ -19,13 +19,14 @@ FORMULATIONS = ILP_FORMULATIONS + ("numa", "2lm")
 def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous",
              limit_bytes: Limit | None = None, ratio: str | None = None, time_limit: float = 300.0,
              mip_gap: float = 0.01, solver: str = "highs", async_window: int = 15,
-             async_candidates: int | None = ASYNC_CANDIDATES, move_state: bool = False) -> Plan:
+             async_candidates: AsyncCandidates = "auto", move_state: bool = False) -> Plan:
     """Place and move every tensor of `graph` under a fast-memory limit: bytes (an int for
     every kernel, or a sequence with one int per kernel of `graph`, for the ILP
     formulations), or a fast:slow `ratio` of the unplanned peak such as "1:4".
     `async_candidates`: the asynchronous formulation's overlap candidates per interval
-    between two uses of a tensor (the first, the last and this many longest kernels of the
-    window; None: every kernel of the window)."""
+    between two uses of a tensor: the first, the last and this many longest kernels of the
+    window; None: every kernel of the window; "auto": ASYNC_CANDIDATES on graphs whose
+    window holds more than ASYNC_FULL_BELOW candidates, else every one."""
     if profile.graph_fingerprint != graph.fingerprint:
         raise ValueError("the profile was made for another graph; profile this workload again")
     if (limit_bytes is None) == (ratio is None):
@@ -56,7 +57,8 @@ def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous"
 
 
 __all__ = [
-    "ASYNC_CANDIDATES", "FORMULATIONS", "ILP_FORMULATIONS", "Infeasible", "Move", "Plan", "SolverFailed",
+    "ASYNC_CANDIDATES", "ASYNC_FULL_BELOW", "FORMULATIONS", "ILP_FORMULATIONS", "Infeasible", "Move",
+    "Plan", "SolverFailed",
     "SolverStats", "TensorPlan", "VerificationError", "limit_from_ratio", "minimum_fast_bytes",
     "optimize", "parse_ratio", "verify",
 ]

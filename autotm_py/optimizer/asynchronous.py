@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .formulation import ASYNC_CANDIDATES, solve_formulation
+from .formulation import AsyncCandidates, solve_formulation
 from .limits import Limit
 from .plan import Plan
 
 
 def optimize_asynchronous(graph: Graph, profile: Profile, limit_bytes: Limit, *, ratio: str | None = None,
                           time_limit: float = 300.0, mip_gap: float = 0.01, solver: str = "highs",
-                          async_window: int = 15, async_candidates: int | None = ASYNC_CANDIDATES,
+                          async_window: int = 15, async_candidates: AsyncCandidates = "auto",
                           move_state: bool = False) -> Plan:
     """Solve the asynchronous formulation under `limit_bytes` of fast memory."""
     return solve_formulation(graph, profile, "asynchronous", limit_bytes, ratio=ratio,

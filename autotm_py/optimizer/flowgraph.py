@@ -16,6 +16,9 @@ modelled:
   L + 2 candidates keeps them all, so with ``window <= (L + 2) // 2`` nothing is dropped.
   This is a restriction of the formulation, not a proven-harmless reduction: the optimum
   of the restricted model can exceed the full one (measured in benchmarks/solve_time.py).
+  With ``full_below=N`` the restriction applies only to graphs whose window holds more
+  than N candidates in all (small models keep every candidate; ``FlowGraphs.async_candidates``
+  says what was applied).
 
 Vertices per gadget q: PRE(q) "fast, no valid slow copy", DRAM(q) "fast and a valid slow
 copy exists", PMEM(q) "slow". Edges follow the reference table (3.3), with two changes:
@@ -119,11 +122,13 @@ def nonview_positions(graph: Graph) -> np.ndarray:
 
 def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
                       move_state: bool = False, async_candidates: int | None = None,
-                      kernel_seconds: np.ndarray | None = None) -> FlowGraphs:
+                      kernel_seconds: np.ndarray | None = None,
+                      full_below: int | None = None) -> FlowGraphs:
     """Gadgets, vertices and edges of every free tensor for one formulation.
     `async_candidates` (asynchronous only): keep the ends and this many longest candidate
     kernels per interval between users, ranked by `kernel_seconds` (one per kernel); None
-    keeps every candidate of the window."""
+    keeps every candidate of the window. `full_below`: restrict only when the window has
+    more candidates than this in all."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose one of {', '.join(FORMULATIONS)}")
     if window < 0:
@@ -142,29 +147,41 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
     g_kernel: list[np.ndarray] = []
     g_async: list[np.ndarray] = []
     counts = np.zeros(len(storages), dtype=np.int64)
-    for p, sid in enumerate(storages):
+    users_of: list[np.ndarray] = []
+    extras: list[np.ndarray] = []  # asynchronous candidates of each tensor
+    for sid in storages:
         t = graph.tensors[sid]
         users = ([t.producer] if t.producer is not None else []) + list(t.users)
         if not users:  # state nothing touches: one decision at its first kernel
             users = [t.first]
+        u = np.array(users)
+        users_of.append(u)
+        if formulation != "asynchronous":
+            continue
+        lo, hi = np.searchsorted(nonview_idx, [t.first, t.last + 1])
+        cand = nonview_idx[lo:hi]
+        upos = pos[u]
+        cpos = pos[cand]
+        j = np.searchsorted(upos, cpos)
+        dist = np.full(len(cand), np.iinfo(np.int64).max)
+        right = j < len(upos)
+        dist[right] = upos[j[right]] - cpos[right]
+        left = j > 0
+        dist[left] = np.minimum(dist[left], cpos[left] - upos[j[left] - 1])
+        keep = (dist <= window) & ~np.isin(cand, u)
+        extras.append(cand[keep])
+    if (async_candidates is not None and full_below is not None
+            and sum(len(e) for e in extras) <= full_below):
+        async_candidates = None  # small enough to keep every candidate
+    for p, sid in enumerate(storages):
+        t = graph.tensors[sid]
+        u = users_of[p]
         if formulation == "static":
-            ks, asy = np.array(users[:1]), np.zeros(1, dtype=bool)
+            ks, asy = u[:1], np.zeros(1, dtype=bool)
         elif formulation == "synchronous":
-            ks, asy = np.array(users), np.zeros(len(users), dtype=bool)
+            ks, asy = u, np.zeros(len(u), dtype=bool)
         else:
-            u = np.array(users)
-            lo, hi = np.searchsorted(nonview_idx, [t.first, t.last + 1])
-            cand = nonview_idx[lo:hi]
-            upos = pos[u]
-            cpos = pos[cand]
-            j = np.searchsorted(upos, cpos)
-            dist = np.full(len(cand), np.iinfo(np.int64).max)
-            right = j < len(upos)
-            dist[right] = upos[j[right]] - cpos[right]
-            left = j > 0
-            dist[left] = np.minimum(dist[left], cpos[left] - upos[j[left] - 1])
-            keep = (dist <= window) & ~np.isin(cand, u)
-            extra = cand[keep]
+            extra = extras[p]
             if async_candidates is not None and len(extra):
                 extra = select_candidates(extra, u, np.asarray(kernel_seconds), async_candidates)
             ks = np.concatenate([u, extra])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Union
 
 import numpy as np
 
@@ -18,26 +19,47 @@ from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan,
                    predict_seconds)
 from .solver import Infeasible, Solution, SolverFailed, solve
 
-# the asynchronous formulation's default restriction of overlap candidates per interval
-# between two uses of a tensor: the first, the last and this many longest kernels
-# (flowgraph.build_flow_graphs); chosen on the conventional set (benchmarks/solve_time.py)
+# async_candidates="auto": graphs whose ±window holds more than ASYNC_FULL_BELOW overlap
+# candidates keep, per interval between two uses of a tensor, the first, the last and the
+# ASYNC_CANDIDATES longest kernels (flowgraph.build_flow_graphs); smaller ones keep them all.
+# Chosen on the conventional set at 1:4 (benchmarks/solve_time.py): vgg19 2048 (1.8k
+# candidates) and transformer 512 (8.9k) solve unrestricted within the time target,
+# inception_v4 1024 (35k), resnet200 512 (44k) and densenet264 512 (180k) do not.
 ASYNC_CANDIDATES = 2
+ASYNC_FULL_BELOW = 20_000
+AsyncCandidates = Union[int, None, str]
+
+
+def async_restriction(async_candidates: AsyncCandidates) -> tuple[int | None, int | None]:
+    """(candidates kept per interval, restrict only above this many candidates) for an
+    `async_candidates` argument: "auto", a number, or None (every candidate)."""
+    if async_candidates == "auto":
+        return ASYNC_CANDIDATES, ASYNC_FULL_BELOW
+    if async_candidates is None:
+        return None, None
+    if isinstance(async_candidates, bool) or not isinstance(async_candidates, (int, np.integer)) \
+            or async_candidates < 0:
+        raise ValueError(f"async_candidates must be 'auto', None or a whole number >= 0, "
+                         f"got {async_candidates!r}")
+    return int(async_candidates), None
 
 
 def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
                       ratio: str | None = None, time_limit: float = 300.0, mip_gap: float = 0.01,
                       solver: str = "highs", async_window: int = 15,
-                      async_candidates: int | None = ASYNC_CANDIDATES,
+                      async_candidates: AsyncCandidates = "auto",
                       move_state: bool = False, warm_start: bool = True) -> Plan:
     """Build and solve one formulation's ILP and return its Plan. `limit_bytes`: one byte
     count, or one per kernel. The asynchronous formulation starts from the synchronous
     optimum (its solve time is included); `async_candidates` restricts its overlap
-    candidates (see flowgraph.build_flow_graphs; None keeps the whole window)."""
+    candidates ("auto", a number or None: see async_restriction and
+    flowgraph.build_flow_graphs)."""
     limits = kernel_limits(graph, limit_bytes)
     if infeasible_kernel(graph, profile, formulation, limit_bytes, move_state=move_state) is not None:
         raise Infeasible(explain_infeasible(graph, profile, formulation, limit_bytes, move_state))
+    cand, full_below = async_restriction(async_candidates)
     if formulation != "asynchronous":
-        async_candidates = None
+        cand = full_below = None
     start = None
     t0 = time.perf_counter()
     if formulation == "asynchronous" and warm_start and solver == "highs":
@@ -52,7 +74,7 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
             start = None
     warm_seconds = time.perf_counter() - t0
     model = build_model(graph, profile, formulation, limits, window=async_window,
-                        move_state=move_state, async_candidates=async_candidates)
+                        move_state=move_state, async_candidates=cand, full_below=full_below)
     x0 = None
     if start is not None:
         x0 = start_vector(model, graph, profile, start)

@@ -13,7 +13,7 @@ overlap (z). Differences from the original, each on purpose:
   allowed) there are no cfg variables: in_fast(t, n) == 1 directly;
 * the capacity uses bytes (no MB rounding) and counts fixed tensors (parameters, inputs,
   optimizer state) as constants. It is written as a running total, M[k] = M[k-1] + the
-  tensors whose in-fast expression changes at k, with M[k] <= limit - fixed bytes live at k
+  tensors whose in-fast expression changes at k, with M[k] <= limit[k] - fixed bytes live at k
   as a column bound. That is the same polytope as one row per kernel over its whole live
   set, with O(gadgets) instead of O(kernels x live tensors) nonzeros;
 * each write edge pays its own cost (without in-place writers a path writes at most once,
@@ -176,13 +176,14 @@ def move_costs(fg: FlowGraphs, profile: Profile) -> np.ndarray:
 
 def build_model(graph: Graph, profile: Profile, formulation: str,
                 limit_bytes: int | Sequence[int] | np.ndarray, *, window: int = 15,
-                move_state: bool = False, async_candidates: int | None = None) -> Model:
+                move_state: bool = False, async_candidates: int | None = None,
+                full_below: int | None = None) -> Model:
     """The whole ILP for one formulation and fast-memory limit (bytes, one for every kernel
     or one per kernel)."""
     t0 = time.perf_counter()
     limits = kernel_limits(graph, limit_bytes)
     fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state,
-                           async_candidates=async_candidates,
+                           async_candidates=async_candidates, full_below=full_below,
                            kernel_seconds=candidate_seconds(profile) if async_candidates is not None else None)
     K = len(graph.kernels)
     P, Q, E = len(fg.storages), fg.num_gadgets, fg.num_edges
