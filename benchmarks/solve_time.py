@@ -129,12 +129,16 @@ def main() -> None:
     print(markdown(result))
 
 
+def _load_range(rows: list[dict]) -> str:
+    loads = [r["load"][0] for r in rows if r.get("load")]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Solve time and predicted slowdown at {result['ratio']} (fast:slow)", "",
              f"Kernel times: {result['profile']}. HiGHS, time limit {result['time_limit']:.0f} s, "
-             f"relative gap {result['gap']:.0%}, {result['machine']['cpus']} cores "
-             f"(load average {result.get('load_before')} before, {result.get('load_after')} after: "
-             "other jobs shared the cores).", "",
+             f"relative gap {result['gap']:.0%}, {result['machine']['cpus']} cores shared with other "
+             f"jobs (1-minute load average after each row: {_load_range(result['rows'])}).", "",
              "The gap is relative to the objective, the predicted step time (every kernel's time "
              "included). The asynchronous formulation runs with `async_candidates="
              f"{result.get('async_candidates')!r}`: "
