@@ -81,7 +81,9 @@ def main() -> None:
         lines += [x for x in old if tuple(x.split("|")[1:3]) not in done]
     with open(path, "w") as fh:
         fh.write(f"# HiGHS and CBC on the AutoTM instances\n\nRelative gap {args.gap:.0%}, "
-                 f"{os.cpu_count()} cores; objective in ms of predicted step time.\n\n"
+                 f"{os.cpu_count()} cores (1-minute load average {os.getloadavg()[0]:.1f} at the end "
+                 "of the last run: other jobs may share them); objective in ms of predicted step "
+                 "time; cold starts (no warm start, unlike `autotm optimize`).\n\n"
                  + "\n".join(lines[:2] + sorted(lines[2:])) + "\n")
 
 
