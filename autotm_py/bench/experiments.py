@@ -82,7 +82,7 @@ def parse_workload(text: str) -> Workload:
 def _machine() -> dict[str, Any]:
     import torch
 
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+    return {"cpus": os.cpu_count(), "platform": f"{platform.system()} {platform.machine()}", "torch": torch.__version__}
 
 
 def _build(w: Workload, device: str) -> tuple[Any, tuple, Any, float, int, str]:
