@@ -139,3 +139,14 @@ def test_gpu_report_of_another_schema(tmp_path) -> None:
     (tmp_path / "gpu_peers.json").write_text(json.dumps({**d, "schema": 99}))
     r = CliRunner().invoke(main_group, ["plot", "gpu", "--results", str(tmp_path), "--out", str(tmp_path)])
     assert r.exit_code == 2 and "schema 99" in r.output and "Traceback" not in r.output
+
+
+def test_plot_models_filter(tmp_path) -> None:
+    for r in conventional("a") + conventional("b"):
+        write_record(tmp_path, r)
+    runner = CliRunner()
+    r = runner.invoke(main_group, ["plot", "speedup", "--results", str(tmp_path), "--models", "a:8",
+                                   "--out", str(tmp_path / "f"), "--name", "only_a"])
+    assert r.exit_code == 0 and (tmp_path / "f" / "only_a.png").exists(), r.output
+    r = runner.invoke(main_group, ["plot", "speedup", "--results", str(tmp_path), "--models", "zzz"])
+    assert r.exit_code == 2 and "no conventional runs of zzz" in r.output
