@@ -143,7 +143,7 @@ def speedup_figure(records: Iterable[RunRecord]) -> Figure:
         ax.set_title(f"{model} batch {batch}")
         ax.set_xlabel("PMM:DRAM (ours fast:slow)")
         ax.set_ylabel("speedup over all slow")
-        ax.legend(fontsize=7, loc="upper left", ncol=2)
+        ax.legend(fontsize=6, loc="upper left", ncol=2)
     fig.suptitle("Figure 7: speedup over all slow memory")
     fig.tight_layout()
     return fig
