@@ -165,3 +165,6 @@ def test_summary_tables(conventional) -> None:
     assert f"| tests.workloads:tiny_mlp 64 | synchronous | x" in r.output
     # the geomean of one network is its own slowdown
     assert f"x{sync['slowdown']:.3f} ({100 * (sync['slowdown'] - 1):.1f}%, 1)" in r.output
+    r = _bench("summary", "--results", str(folder), "--json")
+    g = json.loads(r.output)["predicted"]["synchronous"]["1:4"]
+    assert g == {"geomean_slowdown": pytest.approx(sync["slowdown"]), "networks": 1}

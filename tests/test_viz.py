@@ -130,8 +130,9 @@ def test_plot_commands_write_png_and_pdf(tmp_path) -> None:
         assert r.exit_code == 0, r.output
         for ext in ("png", "pdf"):
             assert (out / f"{file}.{ext}").stat().st_size > 1000
-    r = runner.invoke(main_group, ["plot", "gpu", "--results", str(GPU_REPORT), "--out", str(out)])
+    r = runner.invoke(main_group, ["plot", "gpu", "--results", str(GPU_REPORT), "--out", str(out), "--json"])
     assert r.exit_code == 0 and (out / "gpu.png").stat().st_size > 1000, r.output
+    assert json.loads(r.output)["files"] == [str(out / "gpu.png"), str(out / "gpu.pdf")]
 
 
 def test_gpu_report_of_another_schema(tmp_path) -> None:

@@ -239,10 +239,11 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 @click.option("--cache", default=None, metavar="PATH", help="Kernel cache file or folder.")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR",
               help="The report goes to DIR/gpu/gpu_peers.json (and .md).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 @_bench_errors
 def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations: str, cudnn_benchmark: bool,
-            cache: str | None, results: str) -> None:
+            cache: str | None, results: str, as_json: bool) -> None:
     """The GPU comparison: autotm against save_on_cpu and checkpointing under a memory cap (Figure 12's
     counterpart)."""
     from ..bench.gpu import DEFAULT_CASES, parse_case, run_gpu
@@ -256,24 +257,37 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
     check_device("cuda")
     path = run_gpu(parsed, Path(results) / "gpu", steps=steps, time_limit=time_limit, formulations=forms,
                    cudnn_benchmark=cudnn_benchmark, cache=cache,
-                   log=lambda s: console.print(s, highlight=False))
+                   log=(lambda s: None) if as_json else (lambda s: console.print(s, highlight=False)))
+    if as_json:
+        click.echo(path.read_text())
+        return
     console.print(f"report: {path}", highlight=False)
 
 
 @bench_group.command("summary")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR", help="Folder of run records.")
+@click.option("--json", "as_json", is_flag=True, help="Print the geometric-mean slowdowns as JSON.")
 @user_errors
 @_bench_errors
-def summary_cmd(results: str) -> None:
+def summary_cmd(results: str, as_json: bool) -> None:
     """Markdown tables of every experiment in a results folder (measured and modeled numbers marked)."""
-    from ..bench.results import load_records
+    from ..bench.results import geomean_slowdowns, load_records
     from ..bench.summary import markdown
 
-    click.echo(markdown(load_records(results)))
+    records = load_records(results)
+    if as_json:
+        out: dict[str, Any] = {}
+        for kind, measured in (("predicted", False), ("measured", True)):
+            for (f, q), (g, n) in geomean_slowdowns(records, measured=measured).items():
+                out.setdefault(kind, {}).setdefault(f, {})[q] = {"geomean_slowdown": g, "networks": n}
+        emit_json(out)
+        return
+    click.echo(markdown(records))
 
 
 # ---- plots -------------------------------------------------------------------------------
 def _plot_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the written files as JSON.")(fn)
     fn = click.option("--name", default=None, metavar="STEM", help="File name without extension (default: the figure's).")(fn)
     fn = click.option("--out", default="figures", show_default=True, metavar="DIR",
                       help="Folder for the PNG and PDF.")(fn)
@@ -282,11 +296,14 @@ def _plot_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _save(fig: Any, out: str, name: str) -> None:
+def _save(fig: Any, out: str, name: str, as_json: bool) -> None:
     from ..viz import save
 
     paths = save(fig, out, name)
-    console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
+    if as_json:
+        emit_json({"files": [str(p) for p in paths]})
+    else:
+        console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
 
 
 @click.group("plot")
@@ -308,7 +325,7 @@ def _records_plot(experiment: str, name: str, figure: str, help_text: str) -> No
     @_plot_options
     @user_errors
     @_bench_errors
-    def cmd(models: str | None, results: str, out: str, name: str | None) -> None:
+    def cmd(models: str | None, results: str, out: str, name: str | None, as_json: bool) -> None:
         from .. import viz
         from ..bench.experiments import parse_workload
         from ..bench.results import ResultsError, load_records
@@ -319,7 +336,7 @@ def _records_plot(experiment: str, name: str, figure: str, help_text: str) -> No
             records = [r for r in records if any(r.model == w.model and w.batch in (None, r.batch) for w in wanted)]
             if not records:
                 raise ResultsError(f"the results folder {results} holds no {experiment} runs of {models}")
-        _save(getattr(viz, f"{figure}_figure")(records), out, name or figure)
+        _save(getattr(viz, f"{figure}_figure")(records), out, name or figure, as_json)
 
     cmd.__name__ = f"plot_{figure}_cmd"
 
@@ -339,12 +356,12 @@ _records_plot("conventional", "error", "error",
 @_plot_options
 @user_errors
 @_bench_errors
-def plot_gpu_cmd(results: str, out: str, name: str | None) -> None:
+def plot_gpu_cmd(results: str, out: str, name: str | None, as_json: bool) -> None:
     """Figure 12's counterpart: step time per method per case, with the transfer lower bound."""
     from ..bench.gpu import load_gpu_report
     from ..viz import gpu_figure
 
-    _save(gpu_figure(load_gpu_report(results)), out, name or "gpu")
+    _save(gpu_figure(load_gpu_report(results)), out, name or "gpu", as_json)
 
 
 __all__ = ["bench_group", "plot_group"]
