@@ -5,7 +5,6 @@ checkpointing under a memory cap) as one versioned report, and reading such repo
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -93,7 +92,3 @@ def load_gpu_report(where: str | Path) -> Mapping[str, Any]:
     if not d["cases"]:
         raise ResultsError(f"{p} holds no cases to plot")
     return d
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
