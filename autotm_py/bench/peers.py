@@ -12,9 +12,12 @@ measured pinned-copy bandwidth.
 from __future__ import annotations
 
 import gc
+import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -170,9 +173,6 @@ def stream_breakdown(step: Callable[[], Any]) -> dict[str, float]:
     """Where one step's GPU time goes, from a torch.profiler trace: seconds of compute kernels,
     of host<->device copies, and the step's span on the GPU. When the planned step is slower
     than predicted, this says whether its kernels ran slower than profiled or waited on copies."""
-    import json as _json
-    import tempfile
-
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -182,7 +182,7 @@ def stream_breakdown(step: Callable[[], Any]) -> dict[str, float]:
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as fh:
         prof.export_chrome_trace(fh.name)
-        events = _json.load(open(fh.name)).get("traceEvents", [])
+        events = json.loads(Path(fh.name).read_text()).get("traceEvents", [])
     out = {"kernel_seconds": 0.0, "h2d_seconds": 0.0, "d2h_seconds": 0.0, "other_copy_seconds": 0.0}
     lo, hi = math.inf, -math.inf
     for e in events:
