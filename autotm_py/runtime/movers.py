@@ -142,6 +142,7 @@ class CpuMover(Mover):
 
 @dataclass
 class _Pending:
+    src: torch.Tensor
     dst: torch.Tensor
     done: torch.cuda.Event = field(repr=False)
 
@@ -184,17 +185,19 @@ class CudaMover(Mover):
             dst.copy_(data, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
-        # The compute stream may free `src` (or reuse `dst`'s block) once the kernel ends;
-        # record_stream keeps the allocator from reusing them before the copy is done.
-        for t in (data, dst):
-            if t.is_cuda:
-                t.record_stream(self.copy_stream)
-        self._pending[id(dst)] = _Pending(dst, done)
+        # Both ends stay referenced here until `wait` has made the compute stream wait for the
+        # copy, so that when the graph drops them their blocks return to the compute stream's
+        # pool at once. record_stream would instead keep each block from every stream until
+        # the allocator sees the copy's event complete; with the copy stream running behind,
+        # that memory piles up, the cap is reached and the allocator synchronizes the device
+        # to free its cache (a retry), which ends all overlap.
+        self._pending[id(dst)] = _Pending(data, dst, done)
         self._count(data.numel(), to, True, asynchronous=True)
         return dst
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
-        """Make the compute stream wait for the copy that produced `handle`."""
+        """Make the compute stream wait for the copy that produced `handle`; from here on the
+        source and destination may be freed and reused on the compute stream."""
         p = self._pending.pop(id(handle), None)
         if p is not None:
             torch.cuda.current_stream(self.device).wait_event(p.done)
@@ -202,4 +205,6 @@ class CudaMover(Mover):
 
     def begin_step(self) -> None:
         super().begin_step()
-        self._pending.clear()
+        if self._pending:  # a step that failed mid-way: its copies must end before memory is reused
+            self.copy_stream.synchronize()
+            self._pending.clear()
