@@ -457,3 +457,37 @@ def test_async_candidates_auto_restricts_only_large_windows():
             F.async_restriction(bad)
     plan = optimize(g, prof, formulation="asynchronous", limit_bytes=180, async_window=3)
     assert plan.async_candidates is None  # "auto" on a graph this small
+
+
+@pytest.mark.parametrize("form", ["synchronous", "asynchronous"])
+def test_workspace_is_reserved_whole_or_not_at_all(form):
+    """A cuDNN workspace gets all its bytes beside what its kernel needs, or none: the plan
+    then equals brute force with that kernel's limit lowered by the whole workspace (or not
+    lowered at all)."""
+    import numpy as np
+
+    from autotm_py.optimizer.limits import kernel_needs, kernel_workspace
+
+    g = chain_graph()
+    prof = make_profile(g, "cuda", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    need = kernel_needs(g, prof, form)[0]
+    k = int(np.argmax(need))
+    ws = 45
+    costs = list(prof.kernels)
+    costs[k] = dataclasses.replace(costs[k], workspace=ws)
+    with_ws = dataclasses.replace(prof, kernels=tuple(costs))
+    reserved_somewhere = dropped_somewhere = False
+    for lim in (int(need[k]) + 10, int(need[k]) + ws, 220, 260):
+        got_ws = kernel_workspace(g, with_ws, form, lim)
+        expected = ws if need[k] + ws <= lim else 0
+        assert got_ws[k] == expected and got_ws.sum() == expected, (lim, got_ws)
+        reserved_somewhere |= expected > 0
+        dropped_somewhere |= expected == 0
+        lims = np.full(len(g.kernels), lim)
+        lims[k] -= expected
+        bf = brute_force(g, prof, form, lims, window=1)
+        got, plan = _solve(g, with_ws, form, lim, async_window=1)
+        assert got == pytest.approx(bf, rel=1e-9) if not math.isinf(bf) else math.isinf(got)
+        if plan is not None:
+            assert plan.fast_bytes[k] + expected <= lim
+    assert reserved_somewhere and dropped_somewhere

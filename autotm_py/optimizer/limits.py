@@ -146,14 +146,16 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
 def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
                      move_state: bool = False) -> np.ndarray:
     """Room each kernel's transient allocations (cuDNN workspaces; 0 on CPU) get next to the
-    tensors live at it: the measured workspace where it fits beside what the kernel needs in
-    any case, else what is left. cuDNN falls back to algorithms with smaller workspaces when
-    memory is short, so a workspace is a wish, not a requirement."""
+    tensors live at it: the whole measured workspace where it fits beside what the kernel
+    needs in any case, else none. The profiled time is that of the algorithm that had its
+    workspace; part of it buys nothing (cuDNN then picks another algorithm, whose workspace
+    the profile does not know), and where the workspace cannot fit the kernel runs without it
+    (cuDNN falls back to algorithms with small workspaces) and the plan's memory goes to data."""
     ws = np.array([c.workspace for c in profile.kernels], dtype=np.int64)
     if not ws.any():
         return ws
     need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
-    return np.minimum(ws, np.maximum(0, kernel_limits(graph, limit_bytes) - need))
+    return np.where(ws <= kernel_limits(graph, limit_bytes) - need, ws, 0)
 
 
 def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synchronous", *,
