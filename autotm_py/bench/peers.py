@@ -221,8 +221,8 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
         try:
             plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit)
         except Infeasible as exc:
-            attempts.append({"limit": limit, "status": "infeasible", "reason": str(exc)})
-            log(f"  autotm {formulation} attempt {attempt}: limit {limit / 2**30:.2f} GiB is infeasible")
+            attempts.append({"limit": int(np.min(limit)), "status": "infeasible", "reason": str(exc)})
+            log(f"  autotm {formulation} attempt {attempt}: limit {np.min(limit) / 2**30:.2f} GiB is infeasible")
             break
         solve = time.perf_counter() - t0
         step = compile_plan(plan, model, lr=lr)

@@ -7,6 +7,7 @@ on the model's own parameters, buffers and optimizer state, which it updates in 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class PlannedStep:
     _module: Any = field(default=None, repr=False)
     _mover: Mover | None = field(default=None, repr=False)
     _state: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _calls: int = field(default=0, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -145,8 +147,9 @@ class PlannedStep:
     def __call__(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """Run one training step with the plan; returns the loss (a 0-d tensor)."""
         flat = self._begin(inputs, target)
-        with torch.no_grad():
+        with torch.no_grad(), _algorithms_kept(self._calls > 0 and self.device.type == "cuda"):
             (loss,) = self._module(*flat)
+        self._calls += 1
         return loss
 
     def run_interpreted(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None,
@@ -154,8 +157,9 @@ class PlannedStep:
         """Run one step through the fx.Interpreter `make(module)` returns (to observe each node
         as it runs, as the memory trace does); otherwise like calling the step."""
         flat = self._begin(inputs, target)
-        with torch.no_grad():
+        with torch.no_grad(), _algorithms_kept(self._calls > 0 and self.device.type == "cuda"):
             (loss,) = make(self._module).run(*flat)
+        self._calls += 1
         return loss
 
     @property
@@ -165,6 +169,23 @@ class PlannedStep:
     def close(self) -> None:
         if isinstance(self._mover, CpuMover):
             self._mover.arena.close()
+
+
+@contextlib.contextmanager
+def _algorithms_kept(active: bool):
+    """cuDNN benchmark mode off for the duration (when `active`): the step keeps the
+    algorithms its first run chose. Where a cached algorithm's workspace cannot be allocated
+    under the plan's memory, benchmark mode would time every candidate algorithm again inside
+    the step, each time it happens (kernels the plan does not count, and a synchronizing
+    allocator retry for each candidate); the heuristic fallback takes one at once."""
+    if not active or not torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = True
 
 
 def compile(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
