@@ -137,3 +137,27 @@ def test_zoo_workloads_on_a_pmem_file_tier(name: str, batch: int, steps: int, tm
         stats = step.move_stats
         assert stats.bytes_to_fast + stats.bytes_to_slow > 0, formulation
         step.close()
+
+
+def test_later_steps_keep_cudnn_algorithms_and_restore_the_flag():
+    """Inside a later CUDA step benchmark mode is off (no re-benchmarking under the cap); the
+    user's setting is back afterwards, also when the step raises."""
+    from autotm_py.runtime.step import _algorithms_kept
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with _algorithms_kept(True):
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+        with _algorithms_kept(False):  # the first step benchmarks as the user asked
+            assert torch.backends.cudnn.benchmark is True
+        with pytest.raises(RuntimeError), _algorithms_kept(True):
+            raise RuntimeError("step failed")
+        assert torch.backends.cudnn.benchmark is True
+        torch.backends.cudnn.benchmark = False
+        with _algorithms_kept(True):
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -11,7 +11,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -172,7 +172,7 @@ class PlannedStep:
 
 
 @contextlib.contextmanager
-def _algorithms_kept(active: bool):
+def _algorithms_kept(active: bool) -> Iterator[None]:
     """cuDNN benchmark mode off for the duration (when `active`): the step keeps the
     algorithms its first run chose. Where a cached algorithm's workspace cannot be allocated
     under the plan's memory, benchmark mode would time every candidate algorithm again inside
