@@ -10,9 +10,11 @@ Writes benchmarks/results/solve_time.json and solve_time.md.
 The asynchronous formulation runs with the optimizer's default candidate restriction
 (`async_candidates="auto"`); `asynchronous-all` is the same formulation with every kernel of
 the window as a candidate and `asynchronous-2` with the restriction forced, to measure what
-the restriction gives up where the unrestricted model solves.
+the restriction gives up where the unrestricted model solves (`--variant-models` names the
+networks they run on).
 
     python benchmarks/solve_time.py [--models vgg19:2048,...] [--formulations ...]
+        [--variant-models vgg19,transformer]
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import sys
 import time
 
 from autotm_py.cli.common import capture_workload
-from autotm_py.optimizer import ASYNC_CANDIDATES, ASYNC_FULL_BELOW, optimize, verify
+from autotm_py.optimizer import (ASYNC_CANDIDATES, ASYNC_FULL_BELOW, ASYNC_SMALL_ABOVE,
+                                 ASYNC_SMALL_SHARE, optimize, verify)
 from autotm_py.optimizer.roofline import roofline_profile
 
 CONVENTIONAL = (("inception_v4", 1024), ("resnet200", 512), ("vgg19", 2048), ("densenet264", 512),
@@ -59,6 +62,9 @@ def main() -> None:
                     default="auto",
                     help="Longest overlap candidates kept per interval between uses ('all': no "
                          "restriction; 'auto': the optimizer's default).")
+    ap.add_argument("--variant-models", default=None,
+                    help="Networks (comma-separated names) on which the asynchronous-all and "
+                         "asynchronous-2 variants run; default: every network.")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--merge", action="store_true",
                     help="Keep the rows of other (network, formulation) pairs from an earlier solve_time.json.")
@@ -75,6 +81,8 @@ def main() -> None:
         print(f"{name} {batch}: {len(graph.kernels)} kernels, {len(graph.tensors)} tensors, "
               f"captured in {time.perf_counter() - t0:.1f} s", flush=True)
         for f in forms:
+            if f in VARIANTS and args.variant_models and name not in args.variant_models.split(","):
+                continue
             t1 = time.perf_counter()
             row = {"model": name, "batch": int(batch), "formulation": f, "ratio": args.ratio,
                    "kernels": len(graph.kernels), "peak_live_bytes": graph.peak_live_bytes}
@@ -89,7 +97,8 @@ def main() -> None:
                            nonzeros=s.nonzeros, predicted_seconds=plan.predicted_seconds,
                            all_fast_seconds=plan.all_fast_seconds, slowdown=plan.slowdown,
                            bytes_moved=plan.bytes_moved, limit_bytes=plan.limit_bytes,
-                           async_candidates=plan.async_candidates, objective=s.objective,
+                           async_candidates=plan.async_candidates,
+                           async_min_bytes=plan.async_min_bytes, objective=s.objective,
                            wall_seconds=time.perf_counter() - t1, verified=True)
             except Exception as exc:  # record and go on: one network must not sink the table
                 row.update(status="error", error=str(exc)[:300], wall_seconds=time.perf_counter() - t1)
@@ -145,7 +154,10 @@ def markdown(result: dict) -> str:
              f"a graph whose ±15 window holds more than {ASYNC_FULL_BELOW:,} overlap candidates keeps, "
              "per interval between two uses of a tensor, the first, the last and the "
              f"{ASYNC_CANDIDATES} longest kernels (column `candidates`: kept per interval beside "
-             "the ends, `all` = unrestricted); its gap is relative to that model. "
+             "the ends, `all` = unrestricted), and one whose window holds more than "
+             f"{ASYNC_SMALL_ABOVE:,} also gives no candidate to its smallest tensors, those holding "
+             f"{ASYNC_SMALL_SHARE:.0%} of the free bytes (`none < N MiB`: they keep synchronous "
+             "moves only); its gap is relative to that model. "
              "`asynchronous-all` keeps every candidate, `asynchronous-2` restricts whatever the "
              "size. The slowdown is against the all-fast "
              "time, which with these kernel times (no slow placement is faster) bounds every "
@@ -161,6 +173,8 @@ def markdown(result: dict) -> str:
         ilp = r["formulation"].startswith(("static", "synchronous", "asynchronous"))
         cand = ("-" if not r["formulation"].startswith("asynchronous") else
                 "all" if r.get("async_candidates") is None else str(r["async_candidates"]))
+        if r.get("async_min_bytes"):
+            cand += f", none < {r['async_min_bytes'] / 2**20:.0f} MiB"
         lines.append(
             f"| {r['model']} {r['batch']} | {r['formulation']} | {cand} | {r['status']} | "
             + (f"{r['build_seconds']:.2f} | {r['solve_seconds']:.2f} | {100 * r['gap']:.2f}% | "

@@ -105,12 +105,13 @@ def _paths(fg, p: int) -> list[list[int]]:
 
 def brute_force(graph: Graph, profile: Profile, formulation: str, limit, *,
                 window: int = 15, move_state: bool = False,
-                async_candidates: int | None = None) -> float:
+                async_candidates: int | None = None, async_min_bytes: int | None = None) -> float:
     """Minimum predicted seconds over all combinations of paths; inf if none is feasible.
     `limit`: bytes at every kernel, or a sequence with one per kernel."""
     fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state,
                            async_candidates=async_candidates,
-                           kernel_seconds=candidate_seconds(profile))
+                           kernel_seconds=candidate_seconds(profile),
+                           async_min_bytes=async_min_bytes)
     K = len(graph.kernels)
     Q = fg.num_gadgets
     bw = profile.bandwidths

@@ -450,13 +450,65 @@ def test_async_candidates_auto_restricts_only_large_windows():
     large = build_flow_graphs(g, "asynchronous", window=3, async_candidates=0, kernel_seconds=secs,
                               full_below=n - 1)
     assert large.async_candidates == 0 and int(large.g_async.sum()) < n
-    assert F.async_restriction("auto") == (F.ASYNC_CANDIDATES, F.ASYNC_FULL_BELOW)
-    assert F.async_restriction(None) == (None, None) and F.async_restriction(3) == (3, None)
+    assert F.async_restriction("auto") == F.AsyncRestriction(
+        F.ASYNC_CANDIDATES, F.ASYNC_FULL_BELOW, F.ASYNC_SMALL_ABOVE, F.ASYNC_SMALL_SHARE)
+    assert F.async_restriction(None) == F.AsyncRestriction()
+    assert F.async_restriction(3) == F.AsyncRestriction(3)
     for bad in ("all", -1, 1.5, True):
         with pytest.raises(ValueError, match="async_candidates"):
             F.async_restriction(bad)
     plan = optimize(g, prof, formulation="asynchronous", limit_bytes=180, async_window=3)
     assert plan.async_candidates is None  # "auto" on a graph this small
+    assert plan.async_min_bytes is None
+
+
+def test_small_tensor_bytes():
+    import numpy as np
+
+    from autotm_py.optimizer.flowgraph import small_tensor_bytes
+
+    sizes = np.array([10, 50, 20, 20, 100, 800])  # total 1000
+    assert small_tensor_bytes(sizes, 0.0) == 0
+    assert small_tensor_bytes(sizes, 0.009) == 10  # not even the smallest fits: none below
+    assert small_tensor_bytes(sizes, 0.01) == 20  # 10 fits, the 20s (50 in all) do not
+    assert small_tensor_bytes(sizes, 0.05) == 50  # 10 + 20 + 20
+    assert small_tensor_bytes(sizes, 0.1) == 100  # ... + 50
+    assert small_tensor_bytes(sizes, 1.0) == 801  # every tensor
+
+
+def test_small_tensors_lose_async_candidates_and_equal_brute_force(monkeypatch):
+    """Above `small_above` candidates the smallest tensors (a share of the bytes) keep no
+    asynchronous candidate; the ILP finds the brute-force optimum of those flow graphs, no
+    better than the unrestricted one, and the plan says what was dropped."""
+    import numpy as np
+
+    from autotm_py.optimizer import formulation as F
+    from autotm_py.optimizer.flowgraph import build_flow_graphs
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    full = build_flow_graphs(g, "asynchronous", window=3)
+    n = int(full.g_async.sum())
+    assert build_flow_graphs(g, "asynchronous", window=3, small_above=n,
+                             small_share=0.5).async_min_bytes is None  # not above: untouched
+    cut = build_flow_graphs(g, "asynchronous", window=3, small_above=n - 1, small_share=0.4)
+    assert cut.async_min_bytes == 50  # free tensors 50, 60, 40, 40, 50, 10: 10 + 40 + 40 fit
+    small = cut.nbytes < 50
+    per_tensor = np.add.reduceat(cut.g_async.astype(int), cut.g_ptr[:-1])
+    assert (per_tensor[small] == 0).all() and per_tensor[~small].sum() > 0
+    assert 0 < int(cut.g_async.sum()) < n
+    again = build_flow_graphs(g, "asynchronous", window=3, async_min_bytes=50)  # what verify does
+    assert again.g_kernel.tolist() == cut.g_kernel.tolist()
+    monkeypatch.setattr(F, "ASYNC_SMALL_ABOVE", n - 1)  # "auto" applies the rule to this graph
+    monkeypatch.setattr(F, "ASYNC_SMALL_SHARE", 0.4)
+    for lim in (140, 180):
+        bf_cut = brute_force(g, prof, "asynchronous", lim, window=3, async_min_bytes=50)
+        bf_full = brute_force(g, prof, "asynchronous", lim, window=3)
+        got, plan = _solve(g, prof, "asynchronous", lim, async_window=3)
+        assert plan.async_min_bytes == 50
+        assert got == pytest.approx(bf_cut, rel=1e-9)
+        assert bf_full <= bf_cut * (1 + 1e-12)
+        assert Plan.from_json(plan.to_json()).async_min_bytes == 50
 
 
 @pytest.mark.parametrize("form", ["synchronous", "asynchronous"])

@@ -78,7 +78,8 @@ def _summary(plan: Any) -> dict[str, Any]:
 @click.option("--async-candidates", default="auto", show_default=True, metavar="auto|all|N",
               help="Asynchronous formulation: per interval between two uses of a tensor, the first, the "
                    "last and the N longest kernels of the window may overlap a move; all: every one; "
-                   "auto: 2 on large graphs, all on small ones.")
+                   "auto: 2 on large graphs, all on small ones, and on the largest none for the "
+                   "smallest tensors (10% of the bytes).")
 @click.option("--move-state", is_flag=True, help="Let parameters, inputs and optimizer state move too.")
 @click.option("--estimate", is_flag=True,
               help="Use a roofline estimate of kernel times instead of profiling (modeled).")

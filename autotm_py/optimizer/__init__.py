@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .formulation import ASYNC_CANDIDATES, ASYNC_FULL_BELOW, AsyncCandidates
+from .formulation import (ASYNC_CANDIDATES, ASYNC_FULL_BELOW, ASYNC_SMALL_ABOVE, ASYNC_SMALL_SHARE,
+                          AsyncCandidates)
 from .limits import Limit, is_per_kernel, kernel_limits, limit_from_ratio, minimum_fast_bytes, parse_ratio
 from .plan import Move, Plan, SolverStats, TensorPlan
 from .solver import Infeasible, SolverFailed
@@ -26,7 +27,9 @@ def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous"
     `async_candidates`: the asynchronous formulation's overlap candidates per interval
     between two uses of a tensor: the first, the last and this many longest kernels of the
     window; None: every kernel of the window; "auto": ASYNC_CANDIDATES on graphs whose
-    window holds more than ASYNC_FULL_BELOW candidates, else every one."""
+    window holds more than ASYNC_FULL_BELOW candidates, else every one; above
+    ASYNC_SMALL_ABOVE candidates, also none for the smallest tensors holding
+    ASYNC_SMALL_SHARE of the free bytes (Plan.async_min_bytes)."""
     if profile.graph_fingerprint != graph.fingerprint:
         raise ValueError("the profile was made for another graph; profile this workload again")
     if (limit_bytes is None) == (ratio is None):
@@ -57,7 +60,7 @@ def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous"
 
 
 __all__ = [
-    "ASYNC_CANDIDATES", "ASYNC_FULL_BELOW", "FORMULATIONS", "ILP_FORMULATIONS", "Infeasible", "Move",
+    "ASYNC_CANDIDATES", "ASYNC_FULL_BELOW", "ASYNC_SMALL_ABOVE", "ASYNC_SMALL_SHARE", "FORMULATIONS", "ILP_FORMULATIONS", "Infeasible", "Move",
     "Plan", "SolverFailed",
     "SolverStats", "TensorPlan", "VerificationError", "limit_from_ratio", "minimum_fast_bytes",
     "optimize", "parse_ratio", "verify",

@@ -18,7 +18,12 @@ modelled:
   of the restricted model can exceed the full one (measured in benchmarks/solve_time.py).
   With ``full_below=N`` the restriction applies only to graphs whose window holds more
   than N candidates in all (small models keep every candidate; ``FlowGraphs.async_candidates``
-  says what was applied).
+  says what was applied). With ``small_above=N`` and ``small_share=S``, a graph whose window
+  holds more than N candidates also takes every candidate away from its smallest tensors,
+  those that together hold at most the share S of the free bytes (``small_tensor_bytes``):
+  they keep their users' gadgets, so they can still be placed and moved synchronously.
+  ``FlowGraphs.async_min_bytes`` records the size below which that happened (a plan passes
+  it back as ``async_min_bytes`` to rebuild the same graphs). Also a restriction.
 
 Vertices per gadget q: PRE(q) "fast, no valid slow copy", DRAM(q) "fast and a valid slow
 copy exists", PMEM(q) "slow". Edges follow the reference table (3.3), with two changes:
@@ -74,6 +79,7 @@ class FlowGraphs:
     e_async: np.ndarray  # bool
     e_gadget: np.ndarray  # gadget the move overlaps or follows (-1 for no move)
     async_candidates: int | None = None  # see build_flow_graphs
+    async_min_bytes: int | None = None  # tensors smaller than this have no async candidates
 
     @property
     def num_gadgets(self) -> int:
@@ -123,12 +129,14 @@ def nonview_positions(graph: Graph) -> np.ndarray:
 def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
                       move_state: bool = False, async_candidates: int | None = None,
                       kernel_seconds: np.ndarray | None = None,
-                      full_below: int | None = None) -> FlowGraphs:
+                      full_below: int | None = None, async_min_bytes: int | None = None,
+                      small_above: int | None = None, small_share: float = 0.0) -> FlowGraphs:
     """Gadgets, vertices and edges of every free tensor for one formulation.
     `async_candidates` (asynchronous only): keep the ends and this many longest candidate
     kernels per interval between users, ranked by `kernel_seconds` (one per kernel); None
     keeps every candidate of the window. `full_below`: restrict only when the window has
-    more candidates than this in all."""
+    more candidates than this in all. `async_min_bytes`: tensors smaller than this get no
+    candidate; `small_above`/`small_share` derive it (see the module docstring)."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose one of {', '.join(FORMULATIONS)}")
     if window < 0:
@@ -170,9 +178,16 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
         dist[left] = np.minimum(dist[left], cpos[left] - upos[j[left] - 1])
         keep = (dist <= window) & ~np.isin(cand, u)
         extras.append(cand[keep])
-    if (async_candidates is not None and full_below is not None
-            and sum(len(e) for e in extras) <= full_below):
+    total = sum(len(e) for e in extras)
+    if async_candidates is not None and full_below is not None and total <= full_below:
         async_candidates = None  # small enough to keep every candidate
+    if formulation != "asynchronous":
+        async_min_bytes = None
+    elif small_above is not None and total > small_above:
+        async_min_bytes = small_tensor_bytes(np.array([graph.tensors[s].nbytes for s in storages]),
+                                             small_share)
+    if async_min_bytes is not None and async_min_bytes <= 0:
+        async_min_bytes = None
     for p, sid in enumerate(storages):
         t = graph.tensors[sid]
         u = users_of[p]
@@ -182,6 +197,8 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
             ks, asy = u, np.zeros(len(u), dtype=bool)
         else:
             extra = extras[p]
+            if async_min_bytes is not None and t.nbytes < async_min_bytes:
+                extra = extra[:0]
             if async_candidates is not None and len(extra):
                 extra = select_candidates(extra, u, np.asarray(kernel_seconds), async_candidates)
             ks = np.concatenate([u, extra])
@@ -265,7 +282,22 @@ def build_flow_graphs(graph: Graph, formulation: str, *, window: int = 15,
         formulation, window, storages, nbytes, has_prod, g_ptr, gt, gk, ga, gw,
         e_src[order], e_dst[order], e_tensor[order].astype(np.int64), e_kind[order],
         e_async[order], e_gad[order], async_candidates if formulation == "asynchronous" else None,
+        async_min_bytes,
     )
+
+
+def small_tensor_bytes(nbytes: np.ndarray, share: float) -> int:
+    """The size below which tensors together hold at most `share` of `nbytes`' total: the
+    smallest tensors in order of size, one size taken whole or not at all (0 for no share,
+    the smallest size when not even it fits, one more than the largest when all do)."""
+    sizes = np.sort(np.asarray(nbytes, dtype=np.int64))
+    if not len(sizes) or share <= 0:
+        return 0
+    out = np.flatnonzero(np.cumsum(sizes) > share * sizes.sum())
+    if not len(out):
+        return int(sizes[-1]) + 1
+    first_out = sizes[out[0]]  # every tensor below it is within the share
+    return int(first_out)
 
 
 def select_candidates(cand: np.ndarray, users: np.ndarray, seconds: np.ndarray,

@@ -94,6 +94,8 @@ class Plan:
     # per-kernel fast-memory limits when the plan was made under them (limit_bytes is then
     # their maximum); None: limit_bytes at every kernel
     kernel_limits: tuple[int, ...] | None = None
+    # tensors smaller than this had no asynchronous candidates (None: every tensor had them)
+    async_min_bytes: int | None = None
 
     # ---- queries --------------------------------------------------------------------
     def tensor_plan(self, storage: int) -> TensorPlan:
@@ -139,6 +141,7 @@ class Plan:
             "modeled": self.modeled, "move_state": self.move_state,
             "async_window": self.async_window, "async_candidates": self.async_candidates,
             "kernel_limits": None if self.kernel_limits is None else list(self.kernel_limits),
+            "async_min_bytes": self.async_min_bytes,
             "solver": asdict(self.solver),
             "metrics": dict(self.metrics),
             "kernel_masks": list(self.kernel_masks), "fast_bytes": list(self.fast_bytes),
@@ -171,6 +174,7 @@ class Plan:
             # absent in plans written before these fields existed: the whole window, one limit
             None if d.get("async_candidates") is None else int(d["async_candidates"]),
             None if d.get("kernel_limits") is None else tuple(int(b) for b in d["kernel_limits"]),
+            None if d.get("async_min_bytes") is None else int(d["async_min_bytes"]),
         )
 
     def save(self, path: str) -> None:

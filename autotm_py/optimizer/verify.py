@@ -151,7 +151,8 @@ def _check_paths(plan: Plan, graph: Graph, profile: Profile, formulation: str) -
     cand = plan.async_candidates if formulation == "asynchronous" else None
     fg = build_flow_graphs(graph, formulation, window=plan.async_window, move_state=plan.move_state,
                            async_candidates=cand,
-                           kernel_seconds=candidate_seconds(profile) if cand is not None else None)
+                           kernel_seconds=candidate_seconds(profile) if cand is not None else None,
+                           async_min_bytes=plan.async_min_bytes if formulation == "asynchronous" else None)
     free = {int(s): p for p, s in enumerate(fg.storages)}
     plans = {tp.storage: tp for tp in plan.tensors}
     pairs: list[tuple[int, int]] = []
