@@ -96,6 +96,21 @@ def test_row_values_survive(tmp_path):
     assert rows[("sig2", "func:dram:0")].seconds is None and rows[("sig2", "func:dram:0")].error == "why"
 
 
+def test_reading_a_cache_leaves_its_file_unchanged(tmp_path):
+    """A shipped cache opened only to read (as every optimize and test run does) keeps its
+    bytes: nothing is written unless a row is."""
+    path = tmp_path / "r.sqlite"
+    with KernelCache.open(path) as kc:
+        kc.put_kernel(KernelRow("fp", "sig", "func:dram:0", "aten.mm.default", 0.125, 7))
+    before = path.read_bytes()
+    with KernelCache.open(path) as kc:
+        assert len(kc.kernel_rows("fp")) == 1
+    assert path.read_bytes() == before
+    with KernelCache.open(path) as kc:  # a write still lands
+        kc.put_kernel(KernelRow("fp", "sig2", "func:dram:0", "aten.mm.default", 0.25, 7))
+    assert path.read_bytes() != before
+
+
 def test_damaged_file_in_the_cache_folder_is_moved_aside(graph, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOTM_CACHE", str(tmp_path) + "/")
     bad = tmp_path / "cpu.sqlite"

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS bandwidths (
     PRIMARY KEY (device_fp, tier)
 );
 """
+_TABLES = frozenset({"meta", "kernels", "workspaces", "bandwidths"})
 
 
 class CacheError(ValueError):
@@ -138,11 +139,15 @@ class KernelCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=30)
         try:
-            conn.executescript(_DDL)
-            conn.execute(f"PRAGMA application_id = {APP_ID}")
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('magic', ?)", (MAGIC,))
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
-            conn.commit()
+            # Lay out only what is missing: writing the header again on every open would change
+            # a shipped cache file each time it is merely read.
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if conn.execute("PRAGMA application_id").fetchone()[0] != APP_ID or not _TABLES <= tables:
+                conn.executescript(_DDL)
+                conn.execute(f"PRAGMA application_id = {APP_ID}")
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('magic', ?)", (MAGIC,))
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+                conn.commit()
         except sqlite3.Error as exc:
             conn.close()
             raise CacheError(f"cannot write the kernel cache {path}: {exc}") from None
