@@ -36,9 +36,11 @@ ASYNC_FULL_BELOW = 5_000
 # under 49 MiB hold 161k of the 180k), while their copies are short and hold little of the
 # fast memory. densenet264 512 at 1:4 with the 2-candidate rule alone: 358k columns, whose
 # root LP takes 85 s on 2 cores and whose bound is 0.8% under this rule's solution after
-# 300 s; with this rule too: 180k columns, solved to 0.5% in 110 s. The rule's loss is
-# therefore at most 0.8% there (measured, not proven); on a 121-layer DenseNet that both
-# models solve it cost 0.7-1.9%.
+# 300 s (ilp's strengthened z rows included); with this rule too: 180k columns, solved to
+# 0.5% in 115 s (synchronous start included). The rule's loss is therefore at most 0.8%
+# there (measured, not proven); on a 121-layer DenseNet (batch 256) that both models solve
+# it cost 0.7-1.5%. Only densenet264 of the conventional set is above the threshold
+# (inception_v4 35k, resnet200 44k candidates).
 ASYNC_SMALL_ABOVE = 100_000
 ASYNC_SMALL_SHARE = 0.1
 AsyncCandidates = Union[int, None, str]
