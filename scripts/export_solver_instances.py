@@ -16,7 +16,7 @@ import os
 import tempfile
 
 from autotm_py.cli.common import capture_workload
-from autotm_py.optimizer import ASYNC_CANDIDATES, ASYNC_FULL_BELOW
+from autotm_py.optimizer.formulation import async_restriction
 from autotm_py.optimizer.ilp import build_model
 from autotm_py.optimizer.limits import limit_from_ratio
 from autotm_py.optimizer.roofline import roofline_profile
@@ -35,14 +35,16 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     made = []
+    rule = async_restriction("auto")  # the asynchronous model `autotm optimize` builds by default
     with tempfile.TemporaryDirectory() as tmp:
         for net, batch in CONVENTIONAL:
             g = capture_workload(net, batch)
             prof = roofline_profile(g)
             limit = limit_from_ratio(g, "1:4")
             for f in FORMS:
-                model = build_model(g, prof, f, limit, async_candidates=ASYNC_CANDIDATES,
-                                    full_below=ASYNC_FULL_BELOW)
+                model = build_model(g, prof, f, limit, async_candidates=rule.candidates,
+                                    full_below=rule.full_below, small_above=rule.small_above,
+                                    small_share=rule.small_share)
                 name = f"{net}_{f}_1-4.mps.gz"
                 path = os.path.join(tmp, name)
                 write_mps(model, path)
@@ -64,8 +66,10 @@ def main() -> None:
         fh.write("# AutoTM ILP instances (conventional set, fast:slow 1:4)\n\n"
                  "Kernel times are a roofline estimate (modeled); objective in milliseconds. "
                  f"Asynchronous models are built as the optimizer's default builds them: above "
-                 f"{ASYNC_FULL_BELOW:,} overlap candidates in all, the first, the last and the "
-                 f"{ASYNC_CANDIDATES} longest per interval between uses; below, every candidate. "
+                 f"{rule.full_below:,} overlap candidates in all, the first, the last and the "
+                 f"{rule.candidates} longest per interval between uses; below, every candidate; "
+                 f"above {rule.small_above:,}, none for the smallest tensors holding "
+                 f"{rule.small_share:.0%} of the free bytes. "
                  "Made by scripts/export_solver_instances.py; time them with solvers/time_solvers.py.\n\n"
                  "| file | MB | columns | rows | nonzeros |\n|---|---:|---:|---:|---:|\n")
         for name, size, c, r, nz in kept:

@@ -217,20 +217,21 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
     limit: Any = cap
     attempts = []
     for attempt in range(max_retries + 1):
+        lowest = int(np.min(limit))  # per-kernel limits after a repair: report the lowest
         t0 = time.perf_counter()
         try:
             plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit)
         except Infeasible as exc:
-            attempts.append({"limit": int(np.min(limit)), "status": "infeasible", "reason": str(exc)})
-            log(f"  autotm {formulation} attempt {attempt}: limit {np.min(limit) / 2**30:.2f} GiB is infeasible")
+            attempts.append({"limit": lowest, "status": "infeasible", "reason": str(exc)})
+            log(f"  autotm {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB is infeasible")
             break
         solve = time.perf_counter() - t0
         step = compile_plan(plan, model, lr=lr)
         status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total)
         stats = step.move_stats
-        attempts.append({"limit": int(np.min(limit)), "status": status, "peak": peak, "solve_seconds": solve,
+        attempts.append({"limit": lowest, "status": status, "peak": peak, "solve_seconds": solve,
                          "gap": plan.solver.gap, "solver_status": plan.solver.status})
-        log(f"  autotm {formulation} attempt {attempt}: limit {np.min(limit) / 2**30:.2f} GiB -> {status}, "
+        log(f"  autotm {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB -> {status}, "
             f"{secs:.3f} s, peak {peak / 2**30:.2f} GiB (solve {solve:.1f} s, gap {plan.solver.gap:.3%})")
         if status == "ok" and peak <= cap:
             _reset(cap / total)

@@ -144,23 +144,23 @@ class PlannedStep:
         self._mover.begin_step()
         return flat
 
-    def __call__(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one training step with the plan; returns the loss (a 0-d tensor)."""
+    def _run(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None,
+             run: Callable[[list], Any]) -> torch.Tensor:
         flat = self._begin(inputs, target)
         with torch.no_grad(), _algorithms_kept(self._calls > 0 and self.device.type == "cuda"):
-            (loss,) = self._module(*flat)
+            (loss,) = run(flat)
         self._calls += 1
         return loss
+
+    def __call__(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one training step with the plan; returns the loss (a 0-d tensor)."""
+        return self._run(inputs, target, lambda flat: self._module(*flat))
 
     def run_interpreted(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None,
                         make: Callable[[Any], Any]) -> torch.Tensor:
         """Run one step through the fx.Interpreter `make(module)` returns (to observe each node
         as it runs, as the memory trace does); otherwise like calling the step."""
-        flat = self._begin(inputs, target)
-        with torch.no_grad(), _algorithms_kept(self._calls > 0 and self.device.type == "cuda"):
-            (loss,) = make(self._module).run(*flat)
-        self._calls += 1
-        return loss
+        return self._run(inputs, target, lambda flat: make(self._module).run(*flat))
 
     @property
     def move_stats(self):
