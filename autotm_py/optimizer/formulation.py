@@ -14,7 +14,7 @@ from ..profiler.types import Profile
 from .flowgraph import NONE, PMEM, READ, edge_ids, walk
 from .ilp import BYTE_UNIT, Model, build_model, trace_paths
 from .limits import (Limit, explain_infeasible, infeasible_kernel, is_per_kernel, kernel_limits,
-                     kernel_workspace)
+                     plan_workspace)
 from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan,
                    fast_bytes_per_kernel, fixed_tensor_plans, kernel_seconds, plan_metrics,
                    predict_seconds)
@@ -154,13 +154,15 @@ def start_vector(model: Model, graph: Graph, profile: Profile, plan: Plan) -> np
     free_plans = [plan.tensor_plan(int(s)) for s in fg.storages]
     fb = fast_bytes_per_kernel(graph, free_plans)
     x[model.m_col0:model.m_col0 + len(model.nonview)] = fb[model.nonview] / BYTE_UNIT
+    ws = plan_workspace(graph, profile, plan)
+    x[model.ws_col] = ws[model.ws_kernel] >= model.ws_room[model.ws_kernel]
     load: dict[int, float] = {}
     for mv in plan.moves:
         if mv.kind == "async":
             d = "read" if mv.direction == "to_fast" else "write"
             load[mv.kernel] = load.get(mv.kernel, 0.0) + profile.bandwidths.move_seconds(mv.nbytes, d, True)
     for k, c in zip(model.z_kernel.tolist(), model.z_col.tolist()):
-        x[c] = max(kernel_seconds(profile, k, plan.kernel_masks[k]), load.get(k, 0.0))
+        x[c] = max(kernel_seconds(profile, k, plan.kernel_masks[k], int(ws[k])), load.get(k, 0.0))
     return x
 
 
@@ -176,11 +178,11 @@ def overlap_moves(graph: Graph, profile: Profile, model: Model, plan: Plan,
     bw = profile.bandwidths
     pos_of = {int(s): p for p, s in enumerate(fg.storages)}
     K = len(graph.kernels)
-    cap = limits - kernel_workspace(graph, profile, "asynchronous", limits, move_state=plan.move_state)
-    room = cap - fast_bytes_per_kernel(graph, plan.tensors)  # bytes free at each kernel
+    ws = plan_workspace(graph, profile, plan)
+    room = limits - ws - fast_bytes_per_kernel(graph, plan.tensors)  # bytes free at each kernel
     ktime = np.zeros(K)
     for k in graph.compute_kernels:
-        ktime[k.index] = kernel_seconds(profile, k.index, plan.kernel_masks[k.index])
+        ktime[k.index] = kernel_seconds(profile, k.index, plan.kernel_masks[k.index], int(ws[k.index]))
     load = np.zeros(K)
     added: dict[int, list[tuple[int, int]]] = {}  # storage -> kernel ranges made fast
     kept: list[Move] = []
@@ -288,7 +290,8 @@ def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Soluti
     free = set(int(s) for s in fg.storages)
     all_plans = tuple(sorted(tensors + fixed_tensor_plans(graph, free), key=lambda t: t.storage))
     moves.sort(key=lambda mv: (mv.kernel, mv.storage))
-    predicted = predict_seconds(graph, profile, masks, moves)
+    workspace = model.workspace(x)
+    predicted = predict_seconds(graph, profile, masks, moves, workspace)
     stats = SolverStats(model.build_seconds, sol.solve_seconds, sol.status, sol.gap, sol.objective,
                         model.num_cols, model.num_rows, model.num_nonzeros, sol.backend)
     limits = kernel_limits(graph, limit_bytes)
@@ -301,5 +304,5 @@ def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Soluti
         plan_metrics(graph, profile, all_plans, moves, top, ratio, predicted),
         move_state, async_window, fg.async_candidates,
         tuple(int(b) for b in limits) if is_per_kernel(limit_bytes) else None,
-        fg.async_min_bytes,
+        fg.async_min_bytes, tuple(int(b) for b in workspace),
     )

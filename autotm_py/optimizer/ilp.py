@@ -18,6 +18,12 @@ overlap (z). Differences from the original, each on purpose:
   set, with O(gadgets) instead of O(kernels x live tensors) nonzeros;
 * each write edge pays its own cost (without in-place writers a path writes at most once,
   so this equals the original's write[t]);
+* a kernel whose profile holds its time without a cuDNN workspace as well as with it gets a
+  binary w (CUDA): w = 1 reserves the whole workspace beside its live tensors
+  (M[k] + workspace w <= the M column's bound) and the kernel costs its profiled time,
+  w = 0 costs its time without a workspace. Other workspaces that fit are always reserved
+  (limits.kernel_workspace). The original had no workspaces (its GPU path reserved cuDNN's
+  once, outside the model);
 * a kernel with async copies has, beside z >= T and z >= the sum of its copies, the valid
   row z >= tmin + sum of (copy - tmin) x over its copies longer than tmin (its fastest
   configuration): the convex hull of max(T, copy) for one copy. Without it the LP relaxation
@@ -38,7 +44,8 @@ import numpy as np
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .limits import kernel_limits, kernel_workspace
+from .limits import kernel_limits, kernel_workspace, optional_workspace
+from .plan import kernel_seconds
 from .flowgraph import (NONE, READ, WRITE, FlowGraphs, build_flow_graphs, candidate_seconds,
                         fast_expression_ids, gadget_expressions)
 
@@ -73,6 +80,15 @@ class Model:
     z_kernel: np.ndarray  # kernels with a z column, and the columns
     z_col: np.ndarray
     build_seconds: float
+    ws_room: np.ndarray  # per kernel: workspace bytes that fit (limits.kernel_workspace)
+    ws_kernel: np.ndarray  # kernels whose workspace is a choice, and their w columns
+    ws_col: np.ndarray
+
+    def workspace(self, x: np.ndarray) -> np.ndarray:
+        """Workspace bytes a solution reserves at each kernel."""
+        out = self.ws_room.copy()
+        out[self.ws_kernel] *= x[self.ws_col] > 0.5
+        return out
 
     @property
     def num_cols(self) -> int:
@@ -222,6 +238,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     offset = 0.0
 
     # ---- IO configurations ---------------------------------------------------------
+    room = kernel_workspace(graph, profile, formulation, limits, move_state=move_state)
     is_view = np.array([k.view for k in graph.kernels], dtype=bool)
     nonview = np.flatnonzero(~is_view)
     cfg_k: list[int] = []
@@ -242,7 +259,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
                 link_p.append(pos_of[s]); link_k.append(int(k)); link_j.append(j)
         if len(masks) == 1:
             cfg_k.append(int(k)); cfg_m.append(masks[0]); cfg_c.append(-1)
-            kernel_time_terms[int(k)] = ([], [], kc.times[masks[0]])
+            # a workspace that cannot fit: the kernel's time without one (where profiled)
+            kernel_time_terms[int(k)] = ([], [], kernel_seconds(profile, int(k), masks[0], int(room[k])))
         else:
             cols = list(range(ncols, ncols + len(masks)))
             ncols += len(masks)
@@ -288,15 +306,34 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     N = len(nonview)
     m_col0 = ncols
     ncols += N
-    # a kernel's workspace needs room next to everything live at it
-    ws = kernel_workspace(graph, profile, formulation, limits, move_state=move_state)
-    fixed = (fixed_live_bytes(graph, fg.storages) + ws)[nonview]
+    # a kernel's workspace needs room next to everything live at it: always, or where the
+    # time it saves is worth the bytes (a w column)
+    optional = optional_workspace(profile, room)
+    fixed = (fixed_live_bytes(graph, fg.storages) + np.where(optional, 0, room))[nonview]
+    m_hi = (limits[nonview] - fixed) / BYTE_UNIT
     col_lo.append(np.zeros(N))
-    col_hi.append((limits[nonview] - fixed) / BYTE_UNIT)
+    col_hi.append(m_hi)
     integ.append(np.zeros(N, dtype=bool)); cost.append(np.zeros(N))
     mrow = rows.new(np.zeros(N), 0.0)
     rows.add(mrow, m_col0 + np.arange(N), 1.0)
     rows.add(mrow[1:], m_col0 + np.arange(N - 1), -1.0)
+    ws_kernel = np.flatnonzero(optional)
+    ws_col = np.arange(ncols, ncols + len(ws_kernel))
+    ncols += len(ws_kernel)
+    col_lo.append(np.zeros(len(ws_kernel))); col_hi.append(np.ones(len(ws_kernel)))
+    integ.append(np.ones(len(ws_kernel), dtype=bool)); cost.append(np.zeros(len(ws_kernel)))
+    if len(ws_kernel):
+        wpos = np.searchsorted(nonview, ws_kernel)
+        wrow = rows.new(np.full(len(ws_kernel), -np.inf), m_hi[wpos])  # M[k] + ws w <= bound
+        rows.add(wrow, m_col0 + wpos, 1.0)
+        rows.add(wrow, ws_col, room[ws_kernel] / BYTE_UNIT)
+    # such a kernel costs its time without a workspace plus (profiled - that) w
+    ws_saves: dict[int, tuple[int, float]] = {}
+    for k, col in zip(ws_kernel.tolist(), ws_col.tolist()):
+        kc = profile.kernels[k]
+        cols, times, _ = kernel_time_terms[k]
+        kernel_time_terms[k] = (cols, times, kc.time_without_workspace)
+        ws_saves[k] = (col, kc.times[0] - kc.time_without_workspace)
     # segments of each tensor's in-fast expression along non-view positions
     npos = np.searchsorted(nonview, np.arange(K + 1))  # kernel -> first non-view position >= it
     first = np.array([graph.tensors[s].first for s in fg.storages], dtype=np.int64)
@@ -355,6 +392,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         offset += const
         if cols:
             c[cols] = times
+        if k in ws_saves:
+            c[ws_saves[k][0]] = ws_saves[k][1]
     if len(z_kernel):
         # rows in milliseconds: a small tensor's copy takes well under a nanosecond, which a
         # row in seconds would carry as a coefficient below the solver's zero tolerance
@@ -365,6 +404,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
             cols, times, _ = kernel_time_terms[k]
             if cols:
                 rows.add(np.full(len(cols), zrow_t[i]), cols, -np.array(times) * ROW_TIME_UNIT)
+            if k in ws_saves:
+                rows.add(zrow_t[i:i + 1], [ws_saves[k][0]], -ws_saves[k][1] * ROW_TIME_UNIT)
         rows.add(zrow_t, z_col, ROW_TIME_UNIT)
         rows.add(zrow_m, z_col, ROW_TIME_UNIT)
         zi = np.searchsorted(z_kernel, async_k)
@@ -375,7 +416,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         # max(T, copy x). Without it the LP hides a long copy in fractions under several
         # kernels at once, which no plan can do (the weak bound of large models).
         tmin = np.array([min(kernel_time_terms[k][1]) if kernel_time_terms[k][0]
-                         else kernel_time_terms[k][2] for k in z_kernel.tolist()])
+                         else kernel_time_terms[k][2] + ws_saves.get(k, (0, 0.0))[1]
+                         for k in z_kernel.tolist()])
         longer = mc[asy] > tmin[zi]
         if longer.any():
             zk = np.unique(zi[longer])
@@ -392,7 +434,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     return Model(
         c, offset, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ),
         start, index, value, rlo, rhi, fg, cfg_kernel, cfg_mask, cfg_col, m_col0, nonview,
-        z_kernel, z_col, time.perf_counter() - t0,
+        z_kernel, z_col, time.perf_counter() - t0, room, ws_kernel, ws_col,
     )
 
 

@@ -13,12 +13,15 @@ A ratio D:S is fast:slow memory, so `1:4` puts 20% of the unplanned peak
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 _NUM = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
 
@@ -145,17 +148,35 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
 
 def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
                      move_state: bool = False) -> np.ndarray:
-    """Room each kernel's transient allocations (cuDNN workspaces; 0 on CPU) get next to the
-    tensors live at it: the whole measured workspace where it fits beside what the kernel
+    """Room each kernel's transient allocations (cuDNN workspaces; 0 on CPU) can get next to
+    the tensors live at it: the whole measured workspace where it fits beside what the kernel
     needs in any case, else none. The profiled time is that of the algorithm that had its
     workspace; part of it buys nothing (cuDNN then picks another algorithm, whose workspace
     the profile does not know), and where the workspace cannot fit the kernel runs without it
-    (cuDNN falls back to algorithms with small workspaces) and the plan's memory goes to data."""
+    (cuDNN falls back to algorithms with small workspaces). Where the profile also holds the
+    kernel's time without a workspace, reserving this room is the plan's choice
+    (`optional_workspace`); elsewhere every plan reserves it."""
     ws = np.array([c.workspace for c in profile.kernels], dtype=np.int64)
     if not ws.any():
         return ws
     need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
     return np.where(ws <= kernel_limits(graph, limit_bytes) - need, ws, 0)
+
+
+def optional_workspace(profile: Profile, room: np.ndarray) -> np.ndarray:
+    """Which kernels' workspaces (of `room`, from kernel_workspace) a plan may leave out: those
+    whose time without one was measured and is slower (a plan weighs that time against the
+    bytes), and that have a single IO configuration (CUDA)."""
+    return np.array([room[i] > 0 and c.workspace_saves > 0 and len(c.times) == 1
+                     for i, c in enumerate(profile.kernels)], dtype=bool)
+
+
+def plan_workspace(graph: Graph, profile: Profile, plan: "Plan") -> np.ndarray:
+    """Bytes of workspace `plan` leaves room for at each kernel. Plans made before the choice
+    existed reserved it wherever it fit."""
+    if plan.workspace is not None:
+        return np.asarray(plan.workspace, dtype=np.int64)
+    return kernel_workspace(graph, profile, plan.formulation, plan.limit_at(), move_state=plan.move_state)
 
 
 def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synchronous", *,

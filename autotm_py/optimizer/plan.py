@@ -14,7 +14,7 @@ import bisect
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -96,6 +96,10 @@ class Plan:
     kernel_limits: tuple[int, ...] | None = None
     # tensors smaller than this had no asynchronous candidates (None: every tensor had them)
     async_min_bytes: int | None = None
+    # bytes of kernel workspace (cuDNN) the plan leaves room for at each kernel; a kernel
+    # given less than its measured workspace is predicted at its time without one. None in
+    # plans made before this field: the workspace wherever it fit, at the profiled time.
+    workspace: tuple[int, ...] | None = None
 
     # ---- queries --------------------------------------------------------------------
     def tensor_plan(self, storage: int) -> TensorPlan:
@@ -142,6 +146,7 @@ class Plan:
             "async_window": self.async_window, "async_candidates": self.async_candidates,
             "kernel_limits": None if self.kernel_limits is None else list(self.kernel_limits),
             "async_min_bytes": self.async_min_bytes,
+            "workspace": None if self.workspace is None else list(self.workspace),
             "solver": asdict(self.solver),
             "metrics": dict(self.metrics),
             "kernel_masks": list(self.kernel_masks), "fast_bytes": list(self.fast_bytes),
@@ -175,6 +180,7 @@ class Plan:
             None if d.get("async_candidates") is None else int(d["async_candidates"]),
             None if d.get("kernel_limits") is None else tuple(int(b) for b in d["kernel_limits"]),
             None if d.get("async_min_bytes") is None else int(d["async_min_bytes"]),
+            None if d.get("workspace") is None else tuple(int(b) for b in d["workspace"]),
         )
 
     def save(self, path: str) -> None:
@@ -232,11 +238,17 @@ def placement_mask(graph: Graph, plans: Mapping[int, TensorPlan], kernel: int) -
     return mask
 
 
-def kernel_seconds(profile: Profile, kernel: int, mask: int) -> float:
+def kernel_seconds(profile: Profile, kernel: int, mask: int, workspace: int | None = None) -> float:
     """Time of a kernel under a placement. Unprofiled masks (only baselines produce them)
     use the profiled mask with the fewest extra slow bits among those with at least these
-    slow bits (ties: the slower); with none, the slowest profiled mask."""
-    times = profile.kernels[kernel].times
+    slow bits (ties: the slower); with none, the slowest profiled mask. `workspace`: bytes
+    the kernel gets for its workspace (None: all it wants); with less, its time without a
+    workspace where the profile has one."""
+    kc = profile.kernels[kernel]
+    times = kc.times
+    if (workspace is not None and mask == 0 and workspace < kc.workspace
+            and kc.time_without_workspace is not None):
+        return max(kc.time_without_workspace, times[0])
     if mask in times:
         return times[mask]
     supersets = [m for m in times if m & mask == mask]
@@ -246,11 +258,14 @@ def kernel_seconds(profile: Profile, kernel: int, mask: int) -> float:
     return max(times.values())
 
 
-def predict_seconds(graph: Graph, profile: Profile, masks: Iterable[int], moves: Iterable[Move]) -> float:
-    """Step time: kernels under their masks, plus sync moves, with async moves hidden behind
-    the kernel they overlap (each such kernel costs max(its time, its async traffic))."""
+def predict_seconds(graph: Graph, profile: Profile, masks: Iterable[int], moves: Iterable[Move],
+                    workspace: Sequence[int] | None = None) -> float:
+    """Step time: kernels under their masks (and with the workspace each gets; None: all it
+    wants), plus sync moves, with async moves hidden behind the kernel they overlap (each
+    such kernel costs max(its time, its async traffic))."""
     bw = profile.bandwidths
-    kt = {k: kernel_seconds(profile, k, m) for k, m in enumerate(masks) if not graph.kernels[k].view}
+    kt = {k: kernel_seconds(profile, k, m, None if workspace is None else int(workspace[k]))
+          for k, m in enumerate(masks) if not graph.kernels[k].view}
     async_load: dict[int, float] = {}
     sync = 0.0
     for mv in moves:

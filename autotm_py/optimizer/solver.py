@@ -8,6 +8,8 @@ a feasible incumbent raises Infeasible or SolverFailed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import re
 import subprocess
@@ -154,6 +156,18 @@ def _solve_highs(model: Model, time_limit: float, mip_gap: float, threads: int |
     x = np.array(h.getSolution().col_value)
     obj = info.objective_function_value / OBJ_SCALE
     gap = float(info.mip_gap) if np.isfinite(info.mip_gap) else float("inf")
+    own = model.offset + float(model.c @ x)
+    if start is not None and own > obj + 1e-6 * max(1.0, abs(obj)):
+        # HiGHS 1.16 can report a better objective than the columns it hands back: its
+        # presolve finds a start better in the reduced space than in the original one, and
+        # the postsolved solution is the start itself (seen with a workspace column on a
+        # tiny graph). The columns are what the plan is made of: solve again without the
+        # start, and keep whichever columns are better.
+        again = _solve_highs(model, max(time_limit - seconds, 1.0), mip_gap, threads, verbose)
+        if again.objective < own:
+            return dataclasses.replace(again, solve_seconds=again.solve_seconds + seconds)
+        bound = info.mip_dual_bound / OBJ_SCALE
+        obj, gap = own, (own - bound) / abs(own) if np.isfinite(bound) and own else float("inf")
     return Solution(x, obj, name, max(gap, 0.0), seconds, "highs")
 
 

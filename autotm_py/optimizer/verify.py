@@ -22,7 +22,7 @@ import numpy as np
 from ..graph.types import Graph
 from ..profiler.types import Profile
 from .flowgraph import NONE, READ, build_flow_graphs, candidate_seconds, edge_ids, walk
-from .limits import kernel_workspace
+from .limits import plan_workspace
 from .plan import FAST, PLAN_SCHEMA, SLOW, Plan, fast_bytes_per_kernel, placement_mask, predict_seconds
 
 REL_TOL = 1e-6
@@ -111,12 +111,19 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
                                            max(plan.kernel_limits, default=0) != plan.limit_bytes):
         out.append("kernel_limits must have one entry per kernel, and limit_bytes must be their maximum")
         return out
+    if plan.workspace is not None:
+        bad = [k for k, b in enumerate(plan.workspace[:len(graph.kernels)])
+               if b not in (0, profile.kernels[k].workspace)]
+        if len(plan.workspace) != len(graph.kernels) or bad:
+            out.append("workspace must have one entry per kernel, each 0 or the kernel's whole "
+                       f"measured workspace{f' (kernel #{bad[0]} has {plan.workspace[bad[0]]:,})' if bad else ''}")
+            return out
     if form != "2lm":
         limits = plan.limit_at()
         fb = fast_bytes_per_kernel(graph, plan.tensors)
         need = fb
         if form != "numa":  # a kernel's workspace needs room while it runs (as in the ILP)
-            need = fb + kernel_workspace(graph, profile, form, limits, move_state=plan.move_state)
+            need = fb + plan_workspace(graph, profile, plan)
         over = np.flatnonzero(need > limits)
         if len(over):
             k = int(over[0])
@@ -134,7 +141,7 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
 
         recomputed = predict_2lm(graph, profile, plan.limit_bytes)
     else:
-        recomputed = predict_seconds(graph, profile, plan.kernel_masks, plan.moves)
+        recomputed = predict_seconds(graph, profile, plan.kernel_masks, plan.moves, plan.workspace)
     if not math.isclose(recomputed, plan.predicted_seconds, rel_tol=REL_TOL, abs_tol=1e-12):
         out.append(f"the plan predicts {plan.predicted_seconds:.9g} s, the plan's own placements and "
                    f"moves give {recomputed:.9g} s")

@@ -24,9 +24,19 @@ class KernelCost:
     times: Mapping[int, float]  # mask -> seconds; always holds mask 0
     modeled: bool = False
     workspace: int = 0  # bytes the kernel allocates and frees while it runs (cuDNN workspaces)
+    # mask-0 time when the kernel finds no room for that workspace (cuDNN then falls back to
+    # algorithms with small ones); None where it was not measured
+    time_without_workspace: float | None = None
 
     def time(self, mask: int = 0) -> float:
         return self.times[mask]
+
+    @property
+    def workspace_saves(self) -> float:
+        """Seconds the workspace saves over running without it (0 where unknown)."""
+        if self.time_without_workspace is None or not self.workspace:
+            return 0.0
+        return max(0.0, self.time_without_workspace - self.times[0])
 
     @property
     def masks(self) -> tuple[int, ...]:
