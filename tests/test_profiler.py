@@ -301,3 +301,50 @@ def test_cli_bad_input_is_one_sentence(tmp_path):
     assert r.exit_code == 2 and "not an autotm-py kernel cache" in r.output
     assert foreign.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+# ---- CUDA kernels timed without their workspace ---------------------------------------
+def test_no_workspace_child_reports_every_kernel_in_order(twin_conv_graph):
+    """The child process answers one result per kernel, in order; on a machine without
+    CUDA each is an error naming why, and nothing is lost or duplicated."""
+    from autotm_py.profiler import noworkspace
+
+    convs = _convs(twin_conv_graph)
+    seen = []
+    results = noworkspace.measure(convs, FAST_POLICY, True, lambda i, r: seen.append(i))
+    assert sorted(seen) == list(range(len(convs))) and len(results) == len(convs)
+    if not torch.cuda.is_available():
+        assert all(r.seconds is None and r.error for r in results)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_workspace_times_leave_this_process_algorithms_alone(tmp_path):
+    """Convolutions with large cuDNN workspaces get a second time, taken in a child with the
+    device full: it uses at most the slack the child left, and this process keeps the
+    algorithm (and the time) it had."""
+    from autotm_py.profiler import noworkspace
+    from autotm_py.profiler.harness import prepare_call, time_call
+    from autotm_py.profiler.tiers import dram_alloc
+
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(64, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 5, padding=2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(256 * 56 * 56, 10)).cuda()
+    x = torch.randn(64, 64, 56, 56, device="cuda")
+    g = capture(net, (x,), torch.zeros(64, dtype=torch.long, device="cuda"), device="cuda")
+    prof = profile(g, device="cuda", cache=tmp_path / "c.sqlite", progress=False)
+    big = [c for c in prof.kernels if c.workspace >= noworkspace.MIN_WORKSPACE]
+    assert big, "5x5 convolutions of this size pick algorithms with large workspaces"
+    assert all(c.time_without_workspace is not None for c in big)
+    assert prof.stats["timed_without_workspace"] == len({profile_signature(g.kernels[c.kernel]) for c in big})
+    k = g.kernels[big[0].kernel]
+    fast = dram_alloc("cuda")
+    call = prepare_call(k, frozenset(), fast, fast, torch.device("cuda"))
+    again = time_call(call.fn, FAST_POLICY, "cuda").seconds
+    assert again < 1.5 * big[0].times[0], "this process still runs the fast algorithm"
+    res = noworkspace.measure([k], FAST_POLICY, True)[0]
+    assert res.seconds is not None and res.workspace <= noworkspace.SLACK_BYTES, res
+    # a second profile reads both times from the cache
+    again_prof = profile(g, device="cuda", cache=tmp_path / "c.sqlite", progress=False)
+    assert again_prof.stats["configs_measured"] == 0
+    assert [c.time_without_workspace for c in again_prof.kernels] == [c.time_without_workspace for c in prof.kernels]

@@ -49,13 +49,15 @@ class Timing:
     workspace: int = 0  # transient device bytes beyond inputs and outputs (CUDA only)
 
 
-def time_call(fn: Callable[[], Any], policy: TimingPolicy, device: str = "cpu") -> Timing:
+def time_call(fn: Callable[[], Any], policy: TimingPolicy, device: str = "cpu", *,
+              graphs: bool = True) -> Timing:
     """Median wall time of `fn`. On CUDA, CUDA events around blocks of back-to-back calls
-    (about a millisecond each), per call; short kernels are replayed from a CUDA graph."""
+    (about a millisecond each), per call; short kernels are replayed from a CUDA graph
+    (unless `graphs` is False: a capture allocates memory of its own)."""
     for _ in range(policy.warmup):
         fn()
     if device == "cuda":
-        return _time_cuda(fn, policy)
+        return _time_cuda(fn, policy, graphs)
     times: list[float] = []
     total = 0.0
     while len(times) < policy.min_runs or (total < policy.min_seconds and len(times) < policy.max_runs):
@@ -73,7 +75,7 @@ def time_call(fn: Callable[[], Any], policy: TimingPolicy, device: str = "cpu") 
 GRAPH_BELOW_SECONDS = 2e-3
 
 
-def _time_cuda(fn: Callable[[], Any], policy: TimingPolicy) -> Timing:
+def _time_cuda(fn: Callable[[], Any], policy: TimingPolicy, graphs: bool = True) -> Timing:
     def block(run: Callable[[], Any], n: int) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -86,7 +88,7 @@ def _time_cuda(fn: Callable[[], Any], policy: TimingPolicy) -> Timing:
     torch.cuda.synchronize()
     one = block(fn, 1)
     inner = max(1, min(100, int(1e-3 / max(one, 1e-7))))
-    graph = _graph_of(fn, inner) if one < GRAPH_BELOW_SECONDS else None
+    graph = _graph_of(fn, inner) if graphs and one < GRAPH_BELOW_SECONDS else None
     run, reps = (graph.replay, 1) if graph is not None else (fn, inner)
     times: list[float] = []
     total, runs = 0.0, 0

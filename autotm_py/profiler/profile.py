@@ -16,7 +16,9 @@ What is timed:
   through the op's out= variant; such a configuration costs
   t_func(0) + t_out(mask) - t_out(0), so the allocation the step pays stays counted once.
   Ops without an out= variant are timed with their slow outputs copied into the tier;
-* CUDA: the all-fast configuration only (all inputs and outputs in device memory).
+* CUDA: the all-fast configuration only (all inputs and outputs in device memory), and for
+  kernels whose workspace is at least noworkspace.MIN_WORKSPACE, that configuration again
+  with no room for the workspace (key `noworkspace:dram:0`; see noworkspace.py).
 A kernel that cannot be replayed is recorded with its reason (not retried on the next run) and
 costed as the bytes it touches over the measured read bandwidth (`modeled`).
 """
@@ -34,6 +36,7 @@ import torch
 
 from ..graph.types import Graph, Kernel, kernel_signature
 from . import bandwidth as bwmod
+from . import noworkspace
 from .cache import KernelCache, KernelRow
 from .fingerprint import device_fingerprint
 from .harness import ReplayError, TimingPolicy, out_variant, resolve_op, time_kernel
@@ -42,6 +45,7 @@ from .tiers import ModelTier, TierError, open_slow_tier
 from .types import Bandwidths, KernelCost, Profile
 
 PRUNE_ABOVE = 6
+NO_WORKSPACE = "noworkspace:dram:0"  # cache key of a CUDA kernel's time without its workspace
 KERNEL_POLICY = TimingPolicy(warmup=1, min_runs=3, min_seconds=0.03, max_runs=200)
 
 
@@ -110,7 +114,7 @@ def _jobs(kernel: Kernel, masks: set[int], real_tier: bool) -> list[Job]:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
+def _progress(enabled: bool, total: int, what: str = "") -> Iterator[Callable[[str], None]]:
     if not enabled or total == 0:
         yield lambda desc: None
         return
@@ -118,7 +122,7 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
     from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    cols = (TextColumn("profiling"), BarColumn(), TextColumn("kernel {task.completed}/{task.total}"),
+    cols = (TextColumn(f"profiling{' ' + what if what else ''}"), BarColumn(), TextColumn("kernel {task.completed}/{task.total}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"))
     with Progress(*cols, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task("", total=total)
@@ -272,6 +276,26 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
                     on_measurement(measured)
             advance(k.op)
 
+    # ---- CUDA: kernels with large workspaces, timed again without room for them -----------
+    late: list[tuple[str, Kernel]] = []
+    if device == "cuda":
+        late = [(sig, groups[sig][0]) for sig in groups
+                if workspaces.get(sig, 0) >= noworkspace.MIN_WORKSPACE and (sig, NO_WORKSPACE) not in rows]
+        with _progress(progress, len(late), "without workspace") as advance:
+            def record(i: int, r: noworkspace.Result) -> None:
+                nonlocal measured
+                sig, k = late[i]
+                row = KernelRow(fp, sig, NO_WORKSPACE, k.op, r.seconds, r.runs, error=r.error)
+                kc.put_kernel(row)
+                rows[(sig, NO_WORKSPACE)] = row
+                measured += 1
+                if on_measurement is not None:
+                    on_measurement(measured)
+                advance(k.op)
+
+            if late:
+                noworkspace.measure([k for _, k in late], policy, bool(torch.backends.cudnn.benchmark), record)
+
     # ---- assemble --------------------------------------------------------------------------
     failed: dict[str, dict[str, Any]] = {}
     costs: list[KernelCost] = []
@@ -301,7 +325,9 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
             times[m], est = _real_time(rows, sig, tier.key, m, t0, k, bw)
             modeled = modeled or est
             any_modeled = any_modeled or est
-        costs.append(KernelCost(k.index, k.storages, times, modeled=modeled, workspace=workspaces.get(sig, 0)))
+        tight = rows.get((sig, NO_WORKSPACE)) if device == "cuda" else None
+        costs.append(KernelCost(k.index, k.storages, times, modeled=modeled, workspace=workspaces.get(sig, 0),
+                                time_without_workspace=None if tight is None else tight.seconds))
     unique = len(groups)
     stats = {
         "compute_kernels": len(graph.compute_kernels),
@@ -310,6 +336,7 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
         "measured_kernels": len(todo),
         "cached_kernels": unique - len(todo),
         "configs_measured": measured,
+        "timed_without_workspace": len(late),
         "configs_cached": cached_jobs,
         "configs_per_kernel_max": max((len(v) for v in masks_of.values()), default=0),
         "pruned_kernels": pruned,
