@@ -155,7 +155,7 @@ def start_vector(model: Model, graph: Graph, profile: Profile, plan: Plan) -> np
     fb = fast_bytes_per_kernel(graph, free_plans)
     x[model.m_col0:model.m_col0 + len(model.nonview)] = fb[model.nonview] / BYTE_UNIT
     ws = plan_workspace(graph, profile, plan)
-    x[model.ws_col] = ws[model.ws_kernel] >= model.ws_room[model.ws_kernel]
+    x[model.ws_col] = ws[model.ws_kernel] >= model.ws_base[model.ws_kernel] + model.ws_extra[model.ws_kernel]
     load: dict[int, float] = {}
     for mv in plan.moves:
         if mv.kind == "async":

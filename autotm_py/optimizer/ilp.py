@@ -18,11 +18,11 @@ overlap (z). Differences from the original, each on purpose:
   set, with O(gadgets) instead of O(kernels x live tensors) nonzeros;
 * each write edge pays its own cost (without in-place writers a path writes at most once,
   so this equals the original's write[t]);
-* a kernel whose profile holds its time without a cuDNN workspace as well as with it gets a
-  binary w (CUDA): w = 1 reserves the whole workspace beside its live tensors
-  (M[k] + workspace w <= the M column's bound) and the kernel costs its profiled time,
-  w = 0 costs its time without a workspace. Other workspaces that fit are always reserved
-  (limits.kernel_workspace). The original had no workspaces (its GPU path reserved cuDNN's
+* cuDNN workspaces (CUDA) need room beside the live tensors: a fixed room per kernel
+  (limits.kernel_workspace), and where the profile holds a kernel's time without its
+  workspace as well as with it, a binary w: w = 1 reserves the rest of the workspace
+  (M[k] + rest w <= the M column's bound) and the kernel costs its profiled time, w = 0
+  costs its time without. The original had no workspaces (its GPU path reserved cuDNN's
   once, outside the model);
 * a kernel with async copies has, beside z >= T and z >= the sum of its copies, the valid
   row z >= tmin + sum of (copy - tmin) x over its copies longer than tmin (its fastest
@@ -44,7 +44,7 @@ import numpy as np
 
 from ..graph.types import Graph
 from ..profiler.types import Profile
-from .limits import kernel_limits, kernel_workspace, optional_workspace
+from .limits import kernel_limits, kernel_workspace
 from .plan import kernel_seconds
 from .flowgraph import (NONE, READ, WRITE, FlowGraphs, build_flow_graphs, candidate_seconds,
                         fast_expression_ids, gadget_expressions)
@@ -80,14 +80,15 @@ class Model:
     z_kernel: np.ndarray  # kernels with a z column, and the columns
     z_col: np.ndarray
     build_seconds: float
-    ws_room: np.ndarray  # per kernel: workspace bytes that fit (limits.kernel_workspace)
+    ws_base: np.ndarray  # per kernel: workspace bytes always reserved, and what w adds
+    ws_extra: np.ndarray
     ws_kernel: np.ndarray  # kernels whose workspace is a choice, and their w columns
     ws_col: np.ndarray
 
     def workspace(self, x: np.ndarray) -> np.ndarray:
         """Workspace bytes a solution reserves at each kernel."""
-        out = self.ws_room.copy()
-        out[self.ws_kernel] *= x[self.ws_col] > 0.5
+        out = self.ws_base.copy()
+        out[self.ws_kernel] += self.ws_extra[self.ws_kernel] * (x[self.ws_col] > 0.5)
         return out
 
     @property
@@ -238,7 +239,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     offset = 0.0
 
     # ---- IO configurations ---------------------------------------------------------
-    room = kernel_workspace(graph, profile, formulation, limits, move_state=move_state)
+    ws_base, ws_extra = kernel_workspace(graph, profile, formulation, limits, move_state=move_state)
     is_view = np.array([k.view for k in graph.kernels], dtype=bool)
     nonview = np.flatnonzero(~is_view)
     cfg_k: list[int] = []
@@ -260,7 +261,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         if len(masks) == 1:
             cfg_k.append(int(k)); cfg_m.append(masks[0]); cfg_c.append(-1)
             # a workspace that cannot fit: the kernel's time without one (where profiled)
-            kernel_time_terms[int(k)] = ([], [], kernel_seconds(profile, int(k), masks[0], int(room[k])))
+            kernel_time_terms[int(k)] = ([], [], kernel_seconds(profile, int(k), masks[0], int(ws_base[k])))
         else:
             cols = list(range(ncols, ncols + len(masks)))
             ncols += len(masks)
@@ -308,8 +309,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     ncols += N
     # a kernel's workspace needs room next to everything live at it: always, or where the
     # time it saves is worth the bytes (a w column)
-    optional = optional_workspace(profile, room)
-    fixed = (fixed_live_bytes(graph, fg.storages) + np.where(optional, 0, room))[nonview]
+    fixed = (fixed_live_bytes(graph, fg.storages) + ws_base)[nonview]
     m_hi = (limits[nonview] - fixed) / BYTE_UNIT
     col_lo.append(np.zeros(N))
     col_hi.append(m_hi)
@@ -317,7 +317,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     mrow = rows.new(np.zeros(N), 0.0)
     rows.add(mrow, m_col0 + np.arange(N), 1.0)
     rows.add(mrow[1:], m_col0 + np.arange(N - 1), -1.0)
-    ws_kernel = np.flatnonzero(optional)
+    ws_kernel = np.flatnonzero(ws_extra > 0)
     ws_col = np.arange(ncols, ncols + len(ws_kernel))
     ncols += len(ws_kernel)
     col_lo.append(np.zeros(len(ws_kernel))); col_hi.append(np.ones(len(ws_kernel)))
@@ -326,14 +326,11 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         wpos = np.searchsorted(nonview, ws_kernel)
         wrow = rows.new(np.full(len(ws_kernel), -np.inf), m_hi[wpos])  # M[k] + ws w <= bound
         rows.add(wrow, m_col0 + wpos, 1.0)
-        rows.add(wrow, ws_col, room[ws_kernel] / BYTE_UNIT)
-    # such a kernel costs its time without a workspace plus (profiled - that) w
-    ws_saves: dict[int, tuple[int, float]] = {}
-    for k, col in zip(ws_kernel.tolist(), ws_col.tolist()):
-        kc = profile.kernels[k]
-        cols, times, _ = kernel_time_terms[k]
-        kernel_time_terms[k] = (cols, times, kc.time_without_workspace)
-        ws_saves[k] = (col, kc.times[0] - kc.time_without_workspace)
+        rows.add(wrow, ws_col, ws_extra[ws_kernel] / BYTE_UNIT)
+    # such a kernel costs its time without the workspace (its constant term already) plus
+    # (profiled - that) w
+    ws_saves = {k: (col, profile.kernels[k].times[0] - kernel_time_terms[k][2])
+                for k, col in zip(ws_kernel.tolist(), ws_col.tolist())}
     # segments of each tensor's in-fast expression along non-view positions
     npos = np.searchsorted(nonview, np.arange(K + 1))  # kernel -> first non-view position >= it
     first = np.array([graph.tensors[s].first for s in fg.storages], dtype=np.int64)
@@ -434,7 +431,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     return Model(
         c, offset, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ),
         start, index, value, rlo, rhi, fg, cfg_kernel, cfg_mask, cfg_col, m_col0, nonview,
-        z_kernel, z_col, time.perf_counter() - t0, room, ws_kernel, ws_col,
+        z_kernel, z_col, time.perf_counter() - t0, ws_base, ws_extra, ws_kernel, ws_col,
     )
 
 

@@ -21,6 +21,7 @@ from ..graph.types import Graph
 from ..profiler.types import Profile
 
 if TYPE_CHECKING:
+    from ..profiler.types import KernelCost
     from .plan import Plan
 
 _NUM = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
@@ -147,28 +148,36 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
 
 
 def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
-                     move_state: bool = False) -> np.ndarray:
-    """Room each kernel's transient allocations (cuDNN workspaces; 0 on CPU) can get next to
-    the tensors live at it: the whole measured workspace where it fits beside what the kernel
-    needs in any case, else none. The profiled time is that of the algorithm that had its
-    workspace; part of it buys nothing (cuDNN then picks another algorithm, whose workspace
-    the profile does not know), and where the workspace cannot fit the kernel runs without it
-    (cuDNN falls back to algorithms with small workspaces). Where the profile also holds the
-    kernel's time without a workspace, reserving this room is the plan's choice
-    (`optional_workspace`); elsewhere every plan reserves it."""
+                     move_state: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes every plan leaves free at each kernel for its transient allocations, i.e. cuDNN
+    workspaces (0 on CPU); bytes more a plan may leave there). The profiled time is that of
+    the algorithm that had its whole workspace; part of it buys nothing (cuDNN then picks
+    another algorithm, whose time the profile does not know). So:
+
+    * a kernel whose profile holds its time without the workspace (timed with only
+      `room_without_workspace` bytes free) always gets that small room, where it fits beside
+      what the kernel needs in any case, and the rest of its workspace is the plan's choice
+      where that fits too and saves time: the plan weighs those bytes against the time;
+    * any other kernel gets its whole workspace where it fits, else none (it then runs with
+      what cuDNN finds, at a time the profile does not know)."""
+    K = len(profile.kernels)
     ws = np.array([c.workspace for c in profile.kernels], dtype=np.int64)
     if not ws.any():
-        return ws
+        return ws, np.zeros(K, dtype=np.int64)
     need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
-    return np.where(ws <= kernel_limits(graph, limit_bytes) - need, ws, 0)
+    room = kernel_limits(graph, limit_bytes) - need
+    small = np.array([c.room_without_workspace if _has_choice(c) else -1 for c in profile.kernels],
+                     dtype=np.int64)
+    small = np.minimum(small, ws)
+    known = small >= 0
+    base = np.where(known, np.where(small <= room, small, 0), np.where(ws <= room, ws, 0))
+    saves = np.array([c.workspace_saves > 0 for c in profile.kernels], dtype=bool)
+    extra = np.where(known & saves & (ws <= room), ws - base, 0)
+    return base, extra
 
 
-def optional_workspace(profile: Profile, room: np.ndarray) -> np.ndarray:
-    """Which kernels' workspaces (of `room`, from kernel_workspace) a plan may leave out: those
-    whose time without one was measured and is slower (a plan weighs that time against the
-    bytes), and that have a single IO configuration (CUDA)."""
-    return np.array([room[i] > 0 and c.workspace_saves > 0 and len(c.times) == 1
-                     for i, c in enumerate(profile.kernels)], dtype=bool)
+def _has_choice(cost: "KernelCost") -> bool:
+    return cost.time_without_workspace is not None and cost.workspace > 0 and len(cost.times) == 1
 
 
 def plan_workspace(graph: Graph, profile: Profile, plan: "Plan") -> np.ndarray:
@@ -176,7 +185,9 @@ def plan_workspace(graph: Graph, profile: Profile, plan: "Plan") -> np.ndarray:
     existed reserved it wherever it fit."""
     if plan.workspace is not None:
         return np.asarray(plan.workspace, dtype=np.int64)
-    return kernel_workspace(graph, profile, plan.formulation, plan.limit_at(), move_state=plan.move_state)
+    base, extra = kernel_workspace(graph, profile, plan.formulation, plan.limit_at(),
+                                   move_state=plan.move_state)
+    return base + extra
 
 
 def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synchronous", *,

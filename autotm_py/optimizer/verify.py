@@ -113,10 +113,12 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
         return out
     if plan.workspace is not None:
         bad = [k for k, b in enumerate(plan.workspace[:len(graph.kernels)])
-               if b not in (0, profile.kernels[k].workspace)]
+               if b not in (0, profile.kernels[k].workspace,
+                            min(profile.kernels[k].room_without_workspace, profile.kernels[k].workspace))]
         if len(plan.workspace) != len(graph.kernels) or bad:
-            out.append("workspace must have one entry per kernel, each 0 or the kernel's whole "
-                       f"measured workspace{f' (kernel #{bad[0]} has {plan.workspace[bad[0]]:,})' if bad else ''}")
+            out.append("workspace must have one entry per kernel, each 0, the kernel's whole measured "
+                       "workspace or the room it was timed with without it"
+                       f"{f' (kernel #{bad[0]} has {plan.workspace[bad[0]]:,})' if bad else ''}")
             return out
     if form != "2lm":
         limits = plan.limit_at()

@@ -327,7 +327,8 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
             any_modeled = any_modeled or est
         tight = rows.get((sig, NO_WORKSPACE)) if device == "cuda" else None
         costs.append(KernelCost(k.index, k.storages, times, modeled=modeled, workspace=workspaces.get(sig, 0),
-                                time_without_workspace=None if tight is None else tight.seconds))
+                                time_without_workspace=None if tight is None else tight.seconds,
+                                room_without_workspace=noworkspace.SLACK_BYTES if tight is not None else 0))
     unique = len(groups)
     stats = {
         "compute_kernels": len(graph.compute_kernels),

@@ -24,9 +24,10 @@ class KernelCost:
     times: Mapping[int, float]  # mask -> seconds; always holds mask 0
     modeled: bool = False
     workspace: int = 0  # bytes the kernel allocates and frees while it runs (cuDNN workspaces)
-    # mask-0 time when the kernel finds no room for that workspace (cuDNN then falls back to
-    # algorithms with small ones); None where it was not measured
+    # mask-0 time when the kernel finds no room for that workspace, only `room_without_workspace`
+    # bytes (cuDNN then falls back to algorithms with small ones); None where not measured
     time_without_workspace: float | None = None
+    room_without_workspace: int = 0
 
     def time(self, mask: int = 0) -> float:
         return self.times[mask]
