@@ -530,7 +530,8 @@ def test_workspace_is_reserved_whole_or_not_at_all(form):
     with_ws = dataclasses.replace(prof, kernels=tuple(costs))
     reserved_somewhere = dropped_somewhere = False
     for lim in (int(need[k]) + 10, int(need[k]) + ws, 220, 260):
-        got_ws = sum(kernel_workspace(g, with_ws, form, lim))
+        base, extra, _ = kernel_workspace(g, with_ws, form, lim)
+        got_ws = base + extra
         expected = ws if need[k] + ws <= lim else 0
         assert got_ws[k] == expected and got_ws.sum() == expected, (lim, got_ws)
         reserved_somewhere |= expected > 0
@@ -590,3 +591,45 @@ def test_workspace_is_a_choice_where_its_time_without_is_known(form):
             assert Plan.from_json(plan.to_json()).workspace == plan.workspace
     # cheap workspaces are left out where bytes are short, dear ones kept
     assert left_out and reserved and 3.0 in reserved
+
+
+def test_kernels_of_one_signature_reserve_their_workspace_alike(monkeypatch):
+    """cuDNN keeps one algorithm per convolution shape: two kernels of one signature both get
+    their whole workspace (both at the profiled time) or both the small room (both slower),
+    whatever would suit each alone. The plan equals the better of the two brute forces, and
+    where the workspace fits beside only one of them, neither reserves it."""
+    import numpy as np
+
+    import autotm_py.optimizer.limits as L
+    from autotm_py.optimizer.limits import kernel_needs
+
+    g = chain_graph()
+    prof = make_profile(g, "cuda", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    need = kernel_needs(g, prof, "synchronous")[0]
+    twins = (1, 5)  # both compute kernels; given one signature below
+    monkeypatch.setattr(L, "kernel_signature", lambda k: "twin" if k.index in twins else str(k.index))
+    ws, small, extra = 45, 5, 0.6
+    costs, slow_costs = list(prof.kernels), list(prof.kernels)
+    for k in twins:
+        t0 = prof.kernels[k].times[0]
+        costs[k] = dataclasses.replace(costs[k], workspace=ws, time_without_workspace=t0 + extra,
+                                       room_without_workspace=small)
+        slow_costs[k] = dataclasses.replace(slow_costs[k], times={0: t0 + extra})
+    with_ws = dataclasses.replace(prof, kernels=tuple(costs))
+    slower = dataclasses.replace(prof, kernels=tuple(slow_costs))
+    outcomes = set()
+    for lim in (int(max(need[list(twins)])) + 30, 200, 240, 300):
+        lims = np.full(len(g.kernels), lim)
+        lims[list(twins)] -= small
+        options = [brute_force(g, slower, "synchronous", lims, window=1)]
+        if all(need[k] + ws <= lim for k in twins):
+            lims[list(twins)] = lim - ws
+            options.append(brute_force(g, prof, "synchronous", lims, window=1))
+        got, plan = _solve(g, with_ws, "synchronous", lim)
+        if math.isinf(min(options)):
+            assert math.isinf(got)
+            continue
+        assert got == pytest.approx(min(options), rel=1e-9), (lim, options, got)
+        assert plan.workspace[twins[0]] == plan.workspace[twins[1]] in (small, ws)
+        outcomes.add(plan.workspace[twins[0]])
+    assert outcomes == {small, ws}

@@ -20,9 +20,10 @@ overlap (z). Differences from the original, each on purpose:
   so this equals the original's write[t]);
 * cuDNN workspaces (CUDA) need room beside the live tensors: a fixed room per kernel
   (limits.kernel_workspace), and where the profile holds a kernel's time without its
-  workspace as well as with it, a binary w: w = 1 reserves the rest of the workspace
-  (M[k] + rest w <= the M column's bound) and the kernel costs its profiled time, w = 0
-  costs its time without. The original had no workspaces (its GPU path reserved cuDNN's
+  workspace as well as with it, a binary w per group of kernels of one signature (cuDNN
+  keeps one algorithm per convolution shape): w = 1 reserves the rest of the workspace at
+  each of them (M[k] + rest w <= the M column's bound) and they cost their profiled time,
+  w = 0 their time without. The original had no workspaces (its GPU path reserved cuDNN's
   once, outside the model);
 * a kernel with async copies has, beside z >= T and z >= the sum of its copies, the valid
   row z >= tmin + sum of (copy - tmin) x over its copies longer than tmin (its fastest
@@ -82,7 +83,7 @@ class Model:
     build_seconds: float
     ws_base: np.ndarray  # per kernel: workspace bytes always reserved, and what w adds
     ws_extra: np.ndarray
-    ws_kernel: np.ndarray  # kernels whose workspace is a choice, and their w columns
+    ws_kernel: np.ndarray  # kernels whose workspace is a choice, and their (group's) w columns
     ws_col: np.ndarray
 
     def workspace(self, x: np.ndarray) -> np.ndarray:
@@ -239,7 +240,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     offset = 0.0
 
     # ---- IO configurations ---------------------------------------------------------
-    ws_base, ws_extra = kernel_workspace(graph, profile, formulation, limits, move_state=move_state)
+    ws_base, ws_extra, ws_group = kernel_workspace(graph, profile, formulation, limits, move_state=move_state)
     is_view = np.array([k.view for k in graph.kernels], dtype=bool)
     nonview = np.flatnonzero(~is_view)
     cfg_k: list[int] = []
@@ -318,10 +319,11 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     rows.add(mrow, m_col0 + np.arange(N), 1.0)
     rows.add(mrow[1:], m_col0 + np.arange(N - 1), -1.0)
     ws_kernel = np.flatnonzero(ws_extra > 0)
-    ws_col = np.arange(ncols, ncols + len(ws_kernel))
-    ncols += len(ws_kernel)
-    col_lo.append(np.zeros(len(ws_kernel))); col_hi.append(np.ones(len(ws_kernel)))
-    integ.append(np.ones(len(ws_kernel), dtype=bool)); cost.append(np.zeros(len(ws_kernel)))
+    groups, ws_col = np.unique(ws_group[ws_kernel], return_inverse=True)
+    ws_col = ncols + ws_col.reshape(-1)
+    ncols += len(groups)
+    col_lo.append(np.zeros(len(groups))); col_hi.append(np.ones(len(groups)))
+    integ.append(np.ones(len(groups), dtype=bool)); cost.append(np.zeros(len(groups)))
     if len(ws_kernel):
         wpos = np.searchsorted(nonview, ws_kernel)
         wrow = rows.new(np.full(len(ws_kernel), -np.inf), m_hi[wpos])  # M[k] + ws w <= bound
@@ -390,7 +392,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         if cols:
             c[cols] = times
         if k in ws_saves:
-            c[ws_saves[k][0]] = ws_saves[k][1]
+            c[ws_saves[k][0]] += ws_saves[k][1]
     if len(z_kernel):
         # rows in milliseconds: a small tensor's copy takes well under a nanosecond, which a
         # row in seconds would carry as a coefficient below the solver's zero tolerance

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from ..graph.types import Graph
+from ..graph.types import Graph, kernel_signature
 from ..profiler.types import Profile
 
 if TYPE_CHECKING:
@@ -148,22 +148,26 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
 
 
 def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
-                     move_state: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     move_state: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(bytes every plan leaves free at each kernel for its transient allocations, i.e. cuDNN
-    workspaces (0 on CPU); bytes more a plan may leave there). The profiled time is that of
-    the algorithm that had its whole workspace; part of it buys nothing (cuDNN then picks
-    another algorithm, whose time the profile does not know). So:
+    workspaces (0 on CPU); bytes more a plan may leave there; the choice group of each
+    kernel, -1 for none). The profiled time is that of the algorithm that had its whole
+    workspace; part of it buys nothing (cuDNN then picks another algorithm, whose time the
+    profile does not know). So:
 
     * a kernel whose profile holds its time without the workspace (timed with only
       `room_without_workspace` bytes free) always gets that small room, where it fits beside
-      what the kernel needs in any case, and the rest of its workspace is the plan's choice
-      where that fits too and saves time: the plan weighs those bytes against the time;
+      what the kernel needs in any case; the rest of its workspace is the plan's choice where
+      that saves time. cuDNN keeps one algorithm per convolution shape for the whole process,
+      the last one that fit, so kernels with the same signature form one group that reserves
+      alike, and only where the whole workspace fits at every one of them;
     * any other kernel gets its whole workspace where it fits, else none (it then runs with
       what cuDNN finds, at a time the profile does not know)."""
     K = len(profile.kernels)
     ws = np.array([c.workspace for c in profile.kernels], dtype=np.int64)
+    group = np.full(K, -1, dtype=np.int64)
     if not ws.any():
-        return ws, np.zeros(K, dtype=np.int64)
+        return ws, np.zeros(K, dtype=np.int64), group
     need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
     room = kernel_limits(graph, limit_bytes) - need
     small = np.array([c.room_without_workspace if _has_choice(c) else -1 for c in profile.kernels],
@@ -171,9 +175,16 @@ def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_byt
     small = np.minimum(small, ws)
     known = small >= 0
     base = np.where(known, np.where(small <= room, small, 0), np.where(ws <= room, ws, 0))
-    saves = np.array([c.workspace_saves > 0 for c in profile.kernels], dtype=bool)
-    extra = np.where(known & saves & (ws <= room), ws - base, 0)
-    return base, extra
+    extra = np.zeros(K, dtype=np.int64)
+    members: dict[str, list[int]] = {}
+    for k in np.flatnonzero(known).tolist():
+        if profile.kernels[k].workspace_saves > 0:
+            members.setdefault(kernel_signature(graph.kernels[k]), []).append(k)
+    for ks in members.values():
+        if all(ws[k] <= room[k] for k in ks):
+            extra[ks] = ws[ks] - base[ks]
+            group[ks] = ks[0]
+    return base, extra, group
 
 
 def _has_choice(cost: "KernelCost") -> bool:
@@ -185,8 +196,8 @@ def plan_workspace(graph: Graph, profile: Profile, plan: "Plan") -> np.ndarray:
     existed reserved it wherever it fit."""
     if plan.workspace is not None:
         return np.asarray(plan.workspace, dtype=np.int64)
-    base, extra = kernel_workspace(graph, profile, plan.formulation, plan.limit_at(),
-                                   move_state=plan.move_state)
+    base, extra, _ = kernel_workspace(graph, profile, plan.formulation, plan.limit_at(),
+                                      move_state=plan.move_state)
     return base + extra
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from ..graph.types import Graph
 from ..profiler.types import Profile
 from .flowgraph import NONE, READ, build_flow_graphs, candidate_seconds, edge_ids, walk
-from .limits import plan_workspace
+from .limits import kernel_workspace, plan_workspace
 from .plan import FAST, PLAN_SCHEMA, SLOW, Plan, fast_bytes_per_kernel, placement_mask, predict_seconds
 
 REL_TOL = 1e-6
@@ -120,6 +120,15 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
                        "workspace or the room it was timed with without it"
                        f"{f' (kernel #{bad[0]} has {plan.workspace[bad[0]]:,})' if bad else ''}")
             return out
+        _, _, group = kernel_workspace(graph, profile, plan.formulation, plan.limit_at(),
+                                       move_state=plan.move_state)
+        whole: dict[int, set[bool]] = {}
+        for k in np.flatnonzero(group >= 0).tolist():
+            whole.setdefault(int(group[k]), set()).add(plan.workspace[k] == profile.kernels[k].workspace)
+        split = [g for g, v in whole.items() if len(v) > 1]
+        if split:
+            out.append(f"kernels of one signature (kernel #{split[0]}'s) reserve their workspace unalike; "
+                       "cuDNN keeps one algorithm for all of them")
     if form != "2lm":
         limits = plan.limit_at()
         fb = fast_bytes_per_kernel(graph, plan.tensors)

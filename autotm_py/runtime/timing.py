@@ -1,0 +1,55 @@
+"""Actual against predicted, per kernel: the GPU time each kernel of a planned CUDA step
+takes, beside the time the profile gave the optimizer for it.
+
+CUDA events are recorded on the compute stream around every kernel node of one step run
+through an fx.Interpreter (no synchronization in between, so copies still overlap); the
+moves between kernels are not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import fx
+
+from .step import PlannedStep, RunError
+
+
+class _EventProbe(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, num_kernels: int) -> None:
+        super().__init__(gm)
+        self.events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self.num_kernels = num_kernels
+
+    def run_node(self, n: fx.Node) -> Any:
+        k = n.meta.get("autotm_kernel") if n.op == "call_function" else None
+        if k is None:
+            return super().run_node(n)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = super().run_node(n)
+        end.record()
+        self.events.append((int(k), start, end))
+        return out
+
+
+def kernel_time_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.Tensor,
+                      target: torch.Tensor | None = None) -> np.ndarray:
+    """Seconds each kernel of the graph took on the GPU in one planned step (it updates the
+    model like any other step); 0 for kernels that launch nothing."""
+    if step.plan.device != "cuda":
+        raise RunError("a kernel time trace needs a CUDA plan")
+    box: list[_EventProbe] = []
+
+    def make(gm: fx.GraphModule) -> fx.Interpreter:
+        box.append(_EventProbe(gm, len(step.plan.kernel_masks)))
+        return box[0]
+
+    step.run_interpreted(inputs, target, make)
+    torch.cuda.synchronize()
+    out = np.zeros(len(step.plan.kernel_masks))
+    for k, start, end in box[0].events:
+        out[k] += start.elapsed_time(end) / 1000.0
+    return out

@@ -1,0 +1,103 @@
+"""Actual against predicted, kernel by kernel, for one capped GPU case (CUDA only).
+
+Two plans of one formulation under the same cap, side by side in one process:
+* `choice`: the profile as measured, where a kernel's cuDNN workspace is the plan's choice
+  wherever its time without the workspace was profiled;
+* `fitting`: the same profile without those times, so every workspace that fits is reserved
+  and the others are left out at the profiled time (the rule before the choice existed).
+Each is solved, run for a few steps under the cap, then traced once (runtime.kernel_time_trace);
+printed: step time, predicted, the kernels' sum measured against predicted, and the kernels
+furthest from their prediction.
+
+    python benchmarks/kernel_times.py --case vgg19:256:0.5 --cudnn-benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from autotm_py.bench.peers import _eager, _measure, _reset  # noqa: E402
+from autotm_py.graph import capture, zoo  # noqa: E402
+from autotm_py.optimizer import optimize  # noqa: E402
+from autotm_py.optimizer.limits import plan_workspace  # noqa: E402
+from autotm_py.optimizer.plan import kernel_seconds  # noqa: E402
+from autotm_py.profiler import profile  # noqa: E402
+from autotm_py.runtime import compile as compile_plan  # noqa: E402
+from autotm_py.runtime import kernel_time_trace  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", default="vgg19:256:0.5", help="MODEL:BATCH:CAP_FRACTION")
+    ap.add_argument("--formulation", default="asynchronous")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--cudnn-benchmark", action="store_true")
+    ap.add_argument("--out", default=None, help="write the per-kernel table as JSON here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_times needs a CUDA device")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    name, batch, frac = args.case.split(":")
+    entry = zoo.get(name)
+    model, (x,), y = zoo.workload(name, int(batch), device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=entry.lr)
+    total = torch.cuda.get_device_properties(0).total_memory
+    status, t_u, peak, _ = _measure(_eager(model, opt, x, y, "plain"), args.steps, x.device, None)
+    cap = int(float(frac) * peak)
+    graph = capture(model, (x,), y, lr=entry.lr, device="cuda", name=name, batch=int(batch))
+    measured = profile(graph, device="cuda", progress=False, cudnn_benchmark=args.cudnn_benchmark)
+    fitting = dataclasses.replace(measured, kernels=tuple(
+        dataclasses.replace(c, time_without_workspace=None, room_without_workspace=0) for c in measured.kernels))
+    print(f"{args.case}: unconstrained {t_u:.3f} s, peak {peak / 2**30:.2f} GiB, cap {cap / 2**30:.2f} GiB")
+    report = {"case": args.case, "unconstrained_seconds": t_u, "cap": cap, "plans": {}}
+    for label, prof in (("choice", measured), ("fitting", fitting)):
+        plan = optimize(graph, prof, formulation=args.formulation, limit_bytes=cap, time_limit=args.time_limit)
+        step = compile_plan(plan, model, lr=entry.lr)
+        st, secs, pk, retries = _measure(lambda: step(x, y), args.steps, x.device, cap / total)
+        if st != "ok":
+            print(f"  {label}: {st} (peak {pk / 2**30:.2f} GiB)")
+            report["plans"][label] = {"status": st}
+            continue
+        _reset(cap / total)
+        try:
+            got = kernel_time_trace(step, x, y)
+        finally:
+            _reset(None)
+        ws = plan_workspace(graph, measured, plan)
+        pred = np.array([0.0 if k.view else kernel_seconds(measured, k.index, plan.kernel_masks[k.index], int(ws[k.index]))
+                         for k in graph.kernels])
+        rows = []
+        for k in graph.compute_kernels:
+            c = measured.kernels[k.index]
+            rows.append({"kernel": k.index, "op": k.op, "workspace": c.workspace, "reserved": int(ws[k.index]),
+                         "with_ws": c.times[0], "without_ws": c.time_without_workspace,
+                         "predicted": float(pred[k.index]), "measured": float(got[k.index])})
+        print(f"  {label}: step {secs:.3f} s (predicted {plan.predicted_seconds:.3f} s), peak {pk / 2**30:.2f} GiB, "
+              f"allocator retries {retries}; kernels measured {got.sum():.3f} s, predicted {pred.sum():.3f} s; "
+              f"workspaces reserved whole at {sum(int(w) == c.workspace > 0 for w, c in zip(ws, measured.kernels))} "
+              f"of {sum(c.workspace > 0 for c in measured.kernels)} kernels")
+        for r in sorted(rows, key=lambda r: -abs(r["measured"] - r["predicted"]))[:args.top]:
+            wo = "-" if r["without_ws"] is None else f"{r['without_ws'] * 1e3:7.2f}"
+            print(f"    #{r['kernel']:<5} {r['op'][5:40]:35} ws {r['workspace'] / 2**20:7.0f} MiB "
+                  f"reserved {r['reserved'] / 2**20:7.0f} MiB  with {r['with_ws'] * 1e3:7.2f} ms  "
+                  f"without {wo} ms  predicted {r['predicted'] * 1e3:7.2f}  measured {r['measured'] * 1e3:7.2f}")
+        report["plans"][label] = {"status": st, "step_seconds": secs, "predicted_seconds": plan.predicted_seconds,
+                                  "peak": pk, "alloc_retries": retries, "kernels": rows}
+        del step
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
