@@ -5,9 +5,10 @@ Two plans of one formulation under the same cap, side by side in one process:
   wherever its time without the workspace was profiled;
 * `fitting`: the same profile without those times, so every workspace that fits is reserved
   and the others are left out at the profiled time (the rule before the choice existed).
-Each is solved, run for a few steps under the cap, then traced once (runtime.kernel_time_trace);
-printed: step time, predicted, the kernels' sum measured against predicted, and the kernels
-furthest from their prediction.
+Each is solved, run for a few steps under the cap, then traced once (runtime.kernel_time_trace),
+in a fresh process of its own (cuDNN keeps its algorithm choices per process); printed: step
+time, predicted, the kernels' sum measured against predicted, and the kernels furthest from
+their prediction.
 
     python benchmarks/kernel_times.py --case vgg19:256:0.5 --cudnn-benchmark
 """
@@ -35,10 +36,59 @@ from autotm_py.runtime import compile as compile_plan  # noqa: E402
 from autotm_py.runtime import kernel_time_trace  # noqa: E402
 
 
+def run_plan(args: argparse.Namespace, label: str) -> dict:
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    name, batch, frac = args.case.split(":")
+    entry = zoo.get(name)
+    model, (x,), y = zoo.workload(name, int(batch), device="cuda")
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = args.cap
+    graph = capture(model, (x,), y, lr=entry.lr, device="cuda", name=name, batch=int(batch))
+    measured = profile(graph, device="cuda", progress=False, cudnn_benchmark=args.cudnn_benchmark)
+    prof = measured if label == "choice" else dataclasses.replace(measured, kernels=tuple(
+        dataclasses.replace(c, time_without_workspace=None, room_without_workspace=0) for c in measured.kernels))
+    plan = optimize(graph, prof, formulation=args.formulation, limit_bytes=cap, time_limit=args.time_limit)
+    step = compile_plan(plan, model, lr=entry.lr)
+    st, secs, pk, retries = _measure(lambda: step(x, y), args.steps, x.device, cap / total)
+    if st != "ok":
+        print(f"  {label}: {st} (peak {pk / 2**30:.2f} GiB)", flush=True)
+        return {"status": st}
+    _reset(cap / total)
+    try:
+        got = kernel_time_trace(step, x, y)
+    finally:
+        _reset(None)
+    ws = plan_workspace(graph, measured, plan)
+    pred = np.array([0.0 if k.view else kernel_seconds(measured, k.index, plan.kernel_masks[k.index], int(ws[k.index]))
+                     for k in graph.kernels])
+    rows = []
+    for k in graph.compute_kernels:
+        c = measured.kernels[k.index]
+        rows.append({"kernel": k.index, "op": k.op, "workspace": c.workspace, "reserved": int(ws[k.index]),
+                     "with_ws": c.times[0], "without_ws": c.time_without_workspace,
+                     "predicted": float(pred[k.index]), "measured": float(got[k.index])})
+    lines = [f"  {label}: step {secs:.3f} s (predicted {plan.predicted_seconds:.3f} s), peak {pk / 2**30:.2f} GiB, "
+             f"allocator retries {retries}; kernels measured {got.sum():.3f} s, predicted {pred.sum():.3f} s; "
+             f"workspaces reserved whole at {sum(int(w) == c.workspace > 0 for w, c in zip(ws, measured.kernels))} "
+             f"of {sum(c.workspace > 0 for c in measured.kernels)} kernels"]
+    for r in sorted(rows, key=lambda r: -abs(r["measured"] - r["predicted"]))[:args.top]:
+        wo = "-" if r["without_ws"] is None else f"{r['without_ws'] * 1e3:7.2f}"
+        lines.append(f"    #{r['kernel']:<5} {r['op'][5:40]:35} ws {r['workspace'] / 2**20:7.0f} MiB "
+                     f"reserved {r['reserved'] / 2**20:7.0f} MiB  with {r['with_ws'] * 1e3:7.2f} ms  "
+                     f"without {wo} ms  predicted {r['predicted'] * 1e3:7.2f}  measured {r['measured'] * 1e3:7.2f}")
+    print("\n".join(lines), flush=True)
+    return {"status": st, "step_seconds": secs, "predicted_seconds": plan.predicted_seconds,
+            "peak": pk, "alloc_retries": retries, "kernels": rows}
+
+
 def main() -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", default="vgg19:256:0.5", help="MODEL:BATCH:CAP_FRACTION")
     ap.add_argument("--formulation", default="asynchronous")
+    ap.add_argument("--plans", default="choice,fitting")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--top", type=int, default=12)
@@ -52,49 +102,16 @@ def main() -> None:
     entry = zoo.get(name)
     model, (x,), y = zoo.workload(name, int(batch), device="cuda")
     opt = torch.optim.SGD(model.parameters(), lr=entry.lr)
-    total = torch.cuda.get_device_properties(0).total_memory
     status, t_u, peak, _ = _measure(_eager(model, opt, x, y, "plain"), args.steps, x.device, None)
-    cap = int(float(frac) * peak)
-    graph = capture(model, (x,), y, lr=entry.lr, device="cuda", name=name, batch=int(batch))
-    measured = profile(graph, device="cuda", progress=False, cudnn_benchmark=args.cudnn_benchmark)
-    fitting = dataclasses.replace(measured, kernels=tuple(
-        dataclasses.replace(c, time_without_workspace=None, room_without_workspace=0) for c in measured.kernels))
-    print(f"{args.case}: unconstrained {t_u:.3f} s, peak {peak / 2**30:.2f} GiB, cap {cap / 2**30:.2f} GiB")
-    report = {"case": args.case, "unconstrained_seconds": t_u, "cap": cap, "plans": {}}
-    for label, prof in (("choice", measured), ("fitting", fitting)):
-        plan = optimize(graph, prof, formulation=args.formulation, limit_bytes=cap, time_limit=args.time_limit)
-        step = compile_plan(plan, model, lr=entry.lr)
-        st, secs, pk, retries = _measure(lambda: step(x, y), args.steps, x.device, cap / total)
-        if st != "ok":
-            print(f"  {label}: {st} (peak {pk / 2**30:.2f} GiB)")
-            report["plans"][label] = {"status": st}
-            continue
-        _reset(cap / total)
-        try:
-            got = kernel_time_trace(step, x, y)
-        finally:
-            _reset(None)
-        ws = plan_workspace(graph, measured, plan)
-        pred = np.array([0.0 if k.view else kernel_seconds(measured, k.index, plan.kernel_masks[k.index], int(ws[k.index]))
-                         for k in graph.kernels])
-        rows = []
-        for k in graph.compute_kernels:
-            c = measured.kernels[k.index]
-            rows.append({"kernel": k.index, "op": k.op, "workspace": c.workspace, "reserved": int(ws[k.index]),
-                         "with_ws": c.times[0], "without_ws": c.time_without_workspace,
-                         "predicted": float(pred[k.index]), "measured": float(got[k.index])})
-        print(f"  {label}: step {secs:.3f} s (predicted {plan.predicted_seconds:.3f} s), peak {pk / 2**30:.2f} GiB, "
-              f"allocator retries {retries}; kernels measured {got.sum():.3f} s, predicted {pred.sum():.3f} s; "
-              f"workspaces reserved whole at {sum(int(w) == c.workspace > 0 for w, c in zip(ws, measured.kernels))} "
-              f"of {sum(c.workspace > 0 for c in measured.kernels)} kernels")
-        for r in sorted(rows, key=lambda r: -abs(r["measured"] - r["predicted"]))[:args.top]:
-            wo = "-" if r["without_ws"] is None else f"{r['without_ws'] * 1e3:7.2f}"
-            print(f"    #{r['kernel']:<5} {r['op'][5:40]:35} ws {r['workspace'] / 2**20:7.0f} MiB "
-                  f"reserved {r['reserved'] / 2**20:7.0f} MiB  with {r['with_ws'] * 1e3:7.2f} ms  "
-                  f"without {wo} ms  predicted {r['predicted'] * 1e3:7.2f}  measured {r['measured'] * 1e3:7.2f}")
-        report["plans"][label] = {"status": st, "step_seconds": secs, "predicted_seconds": plan.predicted_seconds,
-                                  "peak": pk, "alloc_retries": retries, "kernels": rows}
-        del step
+    args.cap = int(float(frac) * peak)
+    del model, opt, x, y
+    _reset(None)
+    print(f"{args.case}: unconstrained {t_u:.3f} s, peak {peak / 2**30:.2f} GiB, cap {args.cap / 2**30:.2f} GiB",
+          flush=True)
+    report = {"case": args.case, "unconstrained_seconds": t_u, "cap": args.cap, "plans": {}}
+    for label in args.plans.split(","):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            report["plans"][label] = pool.submit(run_plan, args, label).result()
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
 
