@@ -28,6 +28,9 @@ class MemoryTrace:
 
     peaks: np.ndarray  # (K,) most bytes allocated while the kernel ran, moves before it included; 0 if it did not run
     failed_kernel: int | None  # the kernel during which an allocation failed (out of memory), if one did
+    # (K,) times the caching allocator had to free its cache to serve the kernel (a device-wide
+    # synchronization each: the step fits, but only just)
+    retries: np.ndarray | None = None
 
 
 class _PeakProbe(fx.Interpreter):
@@ -38,6 +41,7 @@ class _PeakProbe(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, num_kernels: int) -> None:
         super().__init__(gm)
         self.peaks = np.zeros(num_kernels, dtype=np.int64)
+        self.retries = np.zeros(num_kernels, dtype=np.int64)
         self.current: int | None = None
 
     def run_node(self, n: fx.Node) -> Any:
@@ -46,8 +50,10 @@ class _PeakProbe(fx.Interpreter):
             return super().run_node(n)
         self.current = int(k)
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         out = super().run_node(n)
         self.peaks[k] = max(int(self.peaks[k]), torch.cuda.max_memory_allocated())
+        self.retries[k] += torch.cuda.memory_stats().get("num_alloc_retries", 0) - before
         return out
 
 
@@ -71,7 +77,7 @@ def kernel_memory_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torc
         failed = probe_box[0].current if probe_box else None
     if not probe_box:
         raise RunError("the planned step did not start")
-    return MemoryTrace(probe_box[0].peaks.copy(), failed)
+    return MemoryTrace(probe_box[0].peaks.copy(), failed, probe_box[0].retries.copy())
 
 
 def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarray, float]:
@@ -85,6 +91,13 @@ def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarra
         over[trace.failed_kernel] = True
         ratio = max(ratio, 1 + 2 * MAX_CUT)
     return np.flatnonzero(over), ratio
+
+
+def retry_kernels(trace: MemoryTrace) -> np.ndarray:
+    """Kernels during which the allocator had to free its cache: the step fits under the cap
+    only by synchronizing the device there, which costs more than the copies a little less
+    memory would take."""
+    return np.zeros(0, dtype=np.int64) if trace.retries is None else np.flatnonzero(trace.retries > 0)
 
 
 def lowered_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float,
