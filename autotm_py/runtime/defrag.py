@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from .step import PlannedStep, RunError
+from .step import PlannedStep, RunError, run_with_probe
 
 WINDOW = 10  # kernels on each side of an offending one whose limit is lowered (as the original)
 MIN_CUT, MAX_CUT = 0.02, 0.10  # each repair lowers a window's limit by 2% to 10%
@@ -63,21 +63,9 @@ def kernel_memory_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torc
     memory allocated per kernel. An out-of-memory error ends the step and names its kernel."""
     if step.plan.device != "cuda":
         raise RunError("a memory trace needs a CUDA plan: on the CPU the allocator does not count tiers")
-    probe_box: list[_PeakProbe] = []
-
-    def make(gm: fx.GraphModule) -> fx.Interpreter:
-        probe_box.append(_PeakProbe(gm, len(step.plan.kernel_masks)))
-        return probe_box[0]
-
-    failed = None
-    try:
-        step.run_interpreted(inputs, target, make)
-        torch.cuda.synchronize()
-    except torch.OutOfMemoryError:
-        failed = probe_box[0].current if probe_box else None
-    if not probe_box:
-        raise RunError("the planned step did not start")
-    return MemoryTrace(probe_box[0].peaks.copy(), failed, probe_box[0].retries.copy())
+    probe, err = run_with_probe(step, inputs, target, lambda gm: _PeakProbe(gm, len(step.plan.kernel_masks)),
+                                catch=(torch.OutOfMemoryError,))
+    return MemoryTrace(probe.peaks.copy(), probe.current if err is not None else None, probe.retries.copy())
 
 
 def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarray, float]:

@@ -171,6 +171,29 @@ class PlannedStep:
             self._mover.arena.close()
 
 
+def run_with_probe(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.Tensor,
+                   target: torch.Tensor | None, factory: Callable[[Any], Any],
+                   catch: tuple[type[BaseException], ...] = ()) -> tuple[Any, BaseException | None]:
+    """Run one planned CUDA step through the fx.Interpreter `factory(module)` builds (a probe
+    that observes each node) and return that probe with the exception of type `catch` that
+    ended the step early, if one did."""
+    box: list[Any] = []
+
+    def make(gm: Any) -> Any:
+        box.append(factory(gm))
+        return box[0]
+
+    err = None
+    try:
+        step.run_interpreted(inputs, target, make)
+        torch.cuda.synchronize()
+    except catch as exc:
+        err = exc
+    if not box:
+        raise RunError("the planned step did not start")
+    return box[0], err
+
+
 @contextlib.contextmanager
 def _algorithms_kept(active: bool) -> Iterator[None]:
     """cuDNN benchmark mode off for the duration (when `active`): the step keeps the

@@ -3,7 +3,9 @@ takes, beside the time the profile gave the optimizer for it.
 
 CUDA events are recorded on the compute stream around every kernel node of one step run
 through an fx.Interpreter (no synchronization in between, so copies still overlap); the
-moves between kernels are not counted.
+moves between kernels are not counted. The span between a kernel's two events also holds
+any time the GPU sat idle inside the node: where the caching allocator synchronizes the
+device to free its cache for the kernel's allocations, that stall is counted to the kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from .step import PlannedStep, RunError
+from .step import PlannedStep, RunError, run_with_probe
 
 
 class _EventProbe(fx.Interpreter):
@@ -41,15 +43,8 @@ def kernel_time_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.
     model like any other step); 0 for kernels that launch nothing."""
     if step.plan.device != "cuda":
         raise RunError("a kernel time trace needs a CUDA plan")
-    box: list[_EventProbe] = []
-
-    def make(gm: fx.GraphModule) -> fx.Interpreter:
-        box.append(_EventProbe(gm, len(step.plan.kernel_masks)))
-        return box[0]
-
-    step.run_interpreted(inputs, target, make)
-    torch.cuda.synchronize()
+    probe, _ = run_with_probe(step, inputs, target, lambda gm: _EventProbe(gm, len(step.plan.kernel_masks)))
     out = np.zeros(len(step.plan.kernel_masks))
-    for k, start, end in box[0].events:
+    for k, start, end in probe.events:
         out[k] += start.elapsed_time(end) / 1000.0
     return out
