@@ -20,10 +20,9 @@ from .step import PlannedStep, RunError, run_with_probe
 
 
 class _EventProbe(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, num_kernels: int) -> None:
+    def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
-        self.num_kernels = num_kernels
 
     def run_node(self, n: fx.Node) -> Any:
         k = n.meta.get("autotm_kernel") if n.op == "call_function" else None
@@ -43,7 +42,7 @@ def kernel_time_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.
     model like any other step); 0 for kernels that launch nothing."""
     if step.plan.device != "cuda":
         raise RunError("a kernel time trace needs a CUDA plan")
-    probe, _ = run_with_probe(step, inputs, target, lambda gm: _EventProbe(gm, len(step.plan.kernel_masks)))
+    probe, _ = run_with_probe(step, inputs, target, _EventProbe)
     out = np.zeros(len(step.plan.kernel_masks))
     for k, start, end in probe.events:
         out[k] += start.elapsed_time(end) / 1000.0
