@@ -4,7 +4,10 @@ Two plans of one formulation under the same cap, side by side in one process:
 * `choice`: the profile as measured, where a kernel's cuDNN workspace is the plan's choice
   wherever its time without the workspace was profiled;
 * `fitting`: the same profile without those times, so every workspace that fits is reserved
-  and the others are left out at the profiled time (the rule before the choice existed).
+  and the others are left out at the profiled time (the rule before the choice existed);
+* `uncapped`: the `choice` plan run without the cap (does the cap itself slow the kernels?);
+* `nomoves`: a plan for the whole device (no moves), run without the cap (does the planned
+  graph's execution match the profile at all?).
 Each is solved, run for a few steps under the cap, then traced once (runtime.kernel_time_trace),
 in a fresh process of its own (cuDNN keeps its algorithm choices per process); printed: step
 time, predicted, the kernels' sum measured against predicted, and the kernels furthest from
@@ -34,6 +37,7 @@ from autotm_py.optimizer.plan import kernel_seconds  # noqa: E402
 from autotm_py.profiler import profile  # noqa: E402
 from autotm_py.runtime import compile as compile_plan  # noqa: E402
 from autotm_py.runtime import kernel_time_trace  # noqa: E402
+from autotm_py.runtime.step import SEARCH_STEPS  # noqa: E402
 
 
 def run_plan(args: argparse.Namespace, label: str) -> dict:
@@ -42,20 +46,26 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
     entry = zoo.get(name)
     model, (x,), y = zoo.workload(name, int(batch), device="cuda")
     total = torch.cuda.get_device_properties(0).total_memory
-    cap = args.cap
+    cap = total if label == "nomoves" else args.cap
+    run_cap = None if label in ("nomoves", "uncapped") else args.cap / total
     graph = capture(model, (x,), y, lr=entry.lr, device="cuda", name=name, batch=int(batch))
     measured = profile(graph, device="cuda", progress=False, cudnn_benchmark=args.cudnn_benchmark)
-    prof = measured if label == "choice" else dataclasses.replace(measured, kernels=tuple(
+    prof = measured if label != "fitting" else dataclasses.replace(measured, kernels=tuple(
         dataclasses.replace(c, time_without_workspace=None, room_without_workspace=0) for c in measured.kernels))
     plan = optimize(graph, prof, formulation=args.formulation, limit_bytes=cap, time_limit=args.time_limit)
-    step = compile_plan(plan, model, lr=entry.lr)
-    st, secs, pk, retries = _measure(lambda: step(x, y), args.steps, x.device, cap / total)
+    step = compile_plan(plan, model, lr=entry.lr, search_steps=args.search_steps)
+    st, secs, pk, retries = _measure(lambda: step(x, y), args.steps, x.device, run_cap)
     if st != "ok":
         print(f"  {label}: {st} (peak {pk / 2**30:.2f} GiB)", flush=True)
         return {"status": st}
-    _reset(cap / total)
+    _reset(run_cap)
     try:
+        before = torch.cuda.memory_stats()
         got = kernel_time_trace(step, x, y)
+        after = torch.cuda.memory_stats()
+        allocator = {k: after.get(k, 0) - before.get(k, 0) for k in
+                     ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
+        names = gpu_kernel_names(lambda: step(x, y))
     finally:
         _reset(None)
     ws = plan_workspace(graph, measured, plan)
@@ -70,15 +80,39 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
     lines = [f"  {label}: step {secs:.3f} s (predicted {plan.predicted_seconds:.3f} s), peak {pk / 2**30:.2f} GiB, "
              f"allocator retries {retries}; kernels measured {got.sum():.3f} s, predicted {pred.sum():.3f} s; "
              f"workspaces reserved whole at {sum(int(w) == c.workspace > 0 for w, c in zip(ws, measured.kernels))} "
-             f"of {sum(c.workspace > 0 for c in measured.kernels)} kernels"]
+             f"of {sum(c.workspace > 0 for c in measured.kernels)} kernels; allocator in the traced step {allocator}"]
     for r in sorted(rows, key=lambda r: -abs(r["measured"] - r["predicted"]))[:args.top]:
         wo = "-" if r["without_ws"] is None else f"{r['without_ws'] * 1e3:7.2f}"
         lines.append(f"    #{r['kernel']:<5} {r['op'][5:40]:35} ws {r['workspace'] / 2**20:7.0f} MiB "
                      f"reserved {r['reserved'] / 2**20:7.0f} MiB  with {r['with_ws'] * 1e3:7.2f} ms  "
                      f"without {wo} ms  predicted {r['predicted'] * 1e3:7.2f}  measured {r['measured'] * 1e3:7.2f}")
+    lines += [f"    {n['seconds'] * 1e3:8.2f} ms  x{n['count']:<4} {n['name'][:110]}" for n in names[:args.top]]
     print("\n".join(lines), flush=True)
     return {"status": st, "step_seconds": secs, "predicted_seconds": plan.predicted_seconds,
-            "peak": pk, "alloc_retries": retries, "kernels": rows}
+            "peak": pk, "alloc_retries": retries, "allocator": allocator, "gpu_kernels": names[:40],
+            "kernels": rows}
+
+
+def gpu_kernel_names(step) -> list[dict]:
+    """GPU kernels of one step by name (which cuDNN algorithms ran), longest total first."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        prof.export_chrome_trace(fh.name)
+        events = json.loads(pathlib.Path(fh.name).read_text()).get("traceEvents", [])
+    by: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "kernel":
+            by.setdefault(e.get("name", "?"), []).append(float(e.get("dur", 0.0)) * 1e-6)
+    return sorted(({"name": n, "seconds": sum(v), "count": len(v)} for n, v in by.items()),
+                  key=lambda r: -r["seconds"])
 
 
 def main() -> None:
@@ -88,11 +122,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", default="vgg19:256:0.5", help="MODEL:BATCH:CAP_FRACTION")
     ap.add_argument("--formulation", default="asynchronous")
-    ap.add_argument("--plans", default="choice,fitting")
+    ap.add_argument("--plans", default="choice,fitting", help="any of choice, fitting, uncapped, nomoves")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--cudnn-benchmark", action="store_true")
+    ap.add_argument("--search-steps", type=int, default=SEARCH_STEPS,
+                    help="planned calls in which cuDNN may search algorithms (runtime.compile)")
     ap.add_argument("--out", default=None, help="write the per-kernel table as JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available():

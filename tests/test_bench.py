@@ -126,11 +126,22 @@ def test_records_round_trip_and_older_schema(tmp_path) -> None:
     (("case-study", "--time-limit", "0"), "--time-limit must be positive"),
     (("gpu", "--case", "vgg99:256:0.5"), "unknown model 'vgg99'"),
     (("gpu", "--case", "vgg19:256:1.5"), "cap in (0, 1]"),
+    (("gpu", "--case", "vgg19:256:0GiB"), "positive size"),
+    (("gpu", "--case", "vgg19:256:lots"), "a size (14.85GiB)"),
 ])
 def test_bench_bad_input(args, words) -> None:
     r = _bench(*args)
     assert r.exit_code == 2, r.output
     assert words in r.output and "Traceback" not in r.output
+
+
+def test_gpu_case_caps() -> None:
+    from autotm_py.bench.gpu import DEFAULT_CASES, GpuCase, parse_case
+
+    assert parse_case("vgg19:256:0.5") == GpuCase("vgg19", 256, 0.5, None)
+    assert parse_case("vgg19:256:14.85GiB") == GpuCase("vgg19", 256, None, 15945066086)
+    assert parse_case("resnet152:256:1gib").cap_bytes == 2**30
+    assert [parse_case(c).cap_bytes for c in DEFAULT_CASES][:2] == [15945066086, 26360361779]
 
 
 def test_bench_gpu_without_cuda() -> None:

@@ -35,7 +35,7 @@ from ..graph import capture, zoo
 from ..optimizer import Infeasible, optimize
 from ..runtime import compile as compile_plan
 from ..runtime.defrag import MAX_CUT, kernel_memory_trace, lowered_limits, offending_kernels, retry_kernels
-from ..runtime.step import median, time_steps
+from ..runtime.step import SEARCH_STEPS, median, time_steps
 
 
 # a kernel where the allocator had to free its cache gets its limit (and its neighbours')
@@ -116,7 +116,8 @@ def _measure(step: Callable[[], Any], steps: int, device: torch.device,
     device-wide synchronization, the cost of fragmentation under a cap."""
     _reset(cap)
     try:
-        step()  # the warm-up: cuDNN's algorithm search under the cap retries by design
+        for _ in range(SEARCH_STEPS):  # warm-up: cuDNN's algorithm search under the cap retries by design
+            step()
         torch.cuda.synchronize()
         before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         times = time_steps(step, steps, device, warmup=0)
@@ -309,11 +310,13 @@ def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, c
     return lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), []
 
 
-def run_case(name: str, batch: int, cap_fraction: float, *, steps: int = 5, time_limit: float = 120.0,
+def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: int | None = None,
+             steps: int = 5, time_limit: float = 120.0,
              formulations: tuple[str, ...] = ("asynchronous", "synchronous"),
              peers: tuple[str, ...] = ("save_on_cpu", "checkpoint"), cache: Any = None,
              log: Callable[[str], None] = print) -> CaseResult:
-    """One row of the comparison (the model is built once and shared by every method)."""
+    """One row of the comparison (the model is built once and shared by every method), under
+    `cap_bytes` of device memory or, without it, `cap_fraction` of the unconstrained peak."""
     from ..profiler import profile
 
     device = torch.device("cuda")
@@ -326,7 +329,8 @@ def run_case(name: str, batch: int, cap_fraction: float, *, steps: int = 5, time
     if status != "ok":
         raise RuntimeError(f"the unconstrained {name} batch {batch} step does not run: {status}")
     t_f, t_b = forward_backward_seconds(model, opt, x, y)
-    cap = int(cap_fraction * peak)
+    cap = cap_bytes if cap_bytes is not None else int(cap_fraction * peak)
+    cap_fraction = cap / peak
     log(f"{name} batch {batch}: unconstrained {t_u:.3f} s, peak {peak / 2**30:.2f} GiB, "
         f"cap {cap / 2**30:.2f} GiB ({cap_fraction:.0%}); T_f {t_f:.3f} s, T_b {t_b:.3f} s")
     graph = capture(model, (x,), y, lr=entry.lr, device=device, name=name, batch=batch)

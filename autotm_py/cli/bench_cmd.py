@@ -231,11 +231,14 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 
 @bench_group.command("gpu")
 @click.option("--case", "cases", multiple=True, metavar="MODEL:BATCH:CAP",
-              help="Cap = fraction of the unconstrained peak (repeatable); default the comparison's five cases.")
+              help="CAP is a fraction of the unconstrained peak (0.5) or a size (14.85GiB); repeatable. "
+                   "Default: the comparison's five cases, at the reference measurements' caps.")
 @click.option("--steps", type=int, default=5, show_default=True)
 @click.option("--time-limit", type=float, default=120.0, show_default=True, help="ILP time limit per solve, seconds.")
 @click.option("--formulations", default="asynchronous,synchronous", show_default=True)
-@click.option("--cudnn-benchmark", is_flag=True, help="Let cuDNN benchmark algorithms (every method).")
+@click.option("--cudnn-benchmark", is_flag=True,
+              help="Let cuDNN benchmark algorithms (every method). Off by default: its search takes "
+                   "whatever memory is free at the time, so no memory plan controls the workspaces.")
 @click.option("--cache", default=None, metavar="PATH", help="Kernel cache file or folder.")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR",
               help="The report goes to DIR/gpu/gpu_peers.json (and .md).")

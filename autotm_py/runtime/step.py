@@ -23,6 +23,14 @@ from .movers import CpuMover, CudaMover, Mover, SlowArena
 from .rewrite import RewriteStats, insert_moves
 
 
+# Calls in which cuDNN (in benchmark mode) may search algorithms. The first chooses under
+# that call's memory; where a choice's workspace cannot be had in the next (the plan's
+# steady state), the second searches again among the algorithms that fit there, and picks
+# fast small-workspace ones. Without that second search, cuDNN's heuristic fallback takes
+# the first algorithm that fits, often a legacy engine several times slower.
+SEARCH_STEPS = 2
+
+
 class RunError(RuntimeError):
     """The planned step cannot run; the message is one sentence for the user."""
 
@@ -64,6 +72,7 @@ class PlannedStep:
     spec: StepSpec
     optimizer: torch.optim.Optimizer | None = None
     slow_tier: str | None = None
+    search_steps: int = SEARCH_STEPS
     graph: Graph | None = None
     rewrite: RewriteStats | None = None
     _module: Any = field(default=None, repr=False)
@@ -147,7 +156,7 @@ class PlannedStep:
     def _run(self, inputs: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor | None,
              run: Callable[[list], Any]) -> torch.Tensor:
         flat = self._begin(inputs, target)
-        with torch.no_grad(), _algorithms_kept(self._calls > 0 and self.device.type == "cuda"):
+        with torch.no_grad(), _algorithms_kept(self._calls >= self.search_steps and self.device.type == "cuda"):
             (loss,) = run(flat)
         self._calls += 1
         return loss
@@ -213,10 +222,13 @@ def _algorithms_kept(active: bool) -> Iterator[None]:
 
 def compile(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
             lr: float | None = None, loss: str | Callable[..., torch.Tensor] = "cross_entropy",
-            slow_tier: str | None = None) -> PlannedStep:
+            slow_tier: str | None = None, search_steps: int = SEARCH_STEPS) -> PlannedStep:
     """A training step for `model` that runs `plan`. `optimizer` (torch.optim.SGD or Adam)
-    gives the update rule and keeps its state; without one, SGD with `lr`."""
-    return PlannedStep(plan, model, spec_from_optimizer(optimizer, lr, loss), optimizer, slow_tier)
+    gives the update rule and keeps its state; without one, SGD with `lr`. On CUDA with
+    `torch.backends.cudnn.benchmark` on, the first `search_steps` calls let cuDNN search
+    algorithms; later calls keep them."""
+    return PlannedStep(plan, model, spec_from_optimizer(optimizer, lr, loss), optimizer, slow_tier,
+                       search_steps)
 
 
 def unplanned_step(model: nn.Module, spec: StepSpec, inputs: Sequence[torch.Tensor],
