@@ -1,13 +1,14 @@
 """autotm against what GPU users do today, on one CUDA device, in one process.
 
-For each case MODEL:BATCH:CAP (CAP a fraction of the unconstrained step's peak memory):
+For each case MODEL:BATCH:CAP (CAP a fraction of the unconstrained step's peak memory, or a
+size such as 14.85GiB):
 the unconstrained eager step, autotm asynchronous and synchronous plans, save_on_cpu
 (pinned) and checkpoint_sequential(4), all on the same model under the same cap; step time,
 ratio to unconstrained and to the transfer lower bound, peak memory, prediction error.
 An OVERSIZED case MODEL:BATCH:BUDGET_GIB (--oversized) trains a step larger than the GPU.
 
-    python benchmarks/gpu_peers.py --case vgg19:256:0.5 --case resnet152:256:0.5
-    python benchmarks/gpu_peers.py --oversized vgg19:1024:74
+    python benchmarks/gpu_peers.py --case vgg19:256:14.85GiB --case resnet152:256:0.5
+    python benchmarks/gpu_peers.py --oversized vgg19:1024:74       # budget in GiB
 """
 
 from __future__ import annotations
@@ -23,21 +24,21 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
+from autotm_py.bench.gpu import DEFAULT_CASES, parse_case  # noqa: E402
 from autotm_py.bench.peers import markdown, run_case, run_oversized  # noqa: E402
-
-DEFAULT_CASES = ["vgg19:256:0.5", "resnet152:256:0.5", "resnet152:256:0.2", "densenet201:128:0.5",
-                 "densenet201:128:0.2"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", help="MODEL:BATCH:CAP_FRACTION (repeatable)")
+    ap.add_argument("--case", action="append", help="MODEL:BATCH:CAP, CAP 0.5 or 14.85GiB (repeatable)")
     ap.add_argument("--oversized", action="append", default=[], help="MODEL:BATCH:BUDGET_GIB (repeatable)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--time-limit", type=float, default=120.0, help="ILP time limit per solve (s)")
     ap.add_argument("--formulations", default="asynchronous,synchronous")
     ap.add_argument("--cache", default=None, help="kernel cache file (default: the project's)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="Let cuDNN benchmark algorithms (all methods).")
+    ap.add_argument("--retry-repairs", type=int, default=0,
+                    help="re-solves around the kernels where a fitting step made the allocator free its cache")
     ap.add_argument("--out", default="benchmarks/results/gpu_peers")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -45,14 +46,14 @@ def main() -> None:
     # cuDNN's benchmark mode picks algorithms by speed alone, with workspaces of several GiB
     # that no memory cap leaves room for; every method here uses the heuristic choice.
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    cases = args.case if args.case is not None else ([] if args.oversized else DEFAULT_CASES)
+    cases = [parse_case(c) for c in (args.case if args.case is not None else ([] if args.oversized else DEFAULT_CASES))]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results, oversized = [], []
     for c in cases:
-        name, batch, cap = c.split(":")
-        results.append(run_case(name, int(batch), float(cap), steps=args.steps, time_limit=args.time_limit,
-                                formulations=tuple(args.formulations.split(",")), cache=args.cache))
+        results.append(run_case(c.model, c.batch, c.cap_fraction, cap_bytes=c.cap_bytes, steps=args.steps,
+                                time_limit=args.time_limit, formulations=tuple(args.formulations.split(",")),
+                                cache=args.cache, retry_repairs=args.retry_repairs))
         out.with_suffix(".json").write_text(json.dumps({"cases": [r.to_json() for r in results]}, indent=2))
     for c in args.oversized:
         name, batch, budget = c.split(":")

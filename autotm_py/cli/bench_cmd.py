@@ -240,13 +240,16 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
               help="Let cuDNN benchmark algorithms (every method). Off by default: its search takes "
                    "whatever memory is free at the time, so no memory plan controls the workspaces.")
 @click.option("--cache", default=None, metavar="PATH", help="Kernel cache file or folder.")
+@click.option("--retry-repairs", type=int, default=0, show_default=True, metavar="N",
+              help="Also re-solve up to N times around the kernels where a step that fits made the "
+                   "allocator free its cache (a device-wide synchronization).")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR",
               help="The report goes to DIR/gpu/gpu_peers.json (and .md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 @_bench_errors
 def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations: str, cudnn_benchmark: bool,
-            cache: str | None, results: str, as_json: bool) -> None:
+            cache: str | None, retry_repairs: int, results: str, as_json: bool) -> None:
     """The GPU comparison: autotm against save_on_cpu and checkpointing under a memory cap (Figure 12's
     counterpart)."""
     from ..bench.gpu import DEFAULT_CASES, parse_case, run_gpu
@@ -257,9 +260,11 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
         raise UserError("the GPU comparison runs the ILP formulations only (static, synchronous, asynchronous)")
     if steps <= 0:
         raise UserError(f"--steps must be positive, got {steps}")
+    if retry_repairs < 0:
+        raise UserError(f"--retry-repairs must be 0 or more, got {retry_repairs}")
     check_device("cuda")
     path = run_gpu(parsed, Path(results) / "gpu", steps=steps, time_limit=time_limit, formulations=forms,
-                   cudnn_benchmark=cudnn_benchmark, cache=cache,
+                   cudnn_benchmark=cudnn_benchmark, cache=cache, retry_repairs=retry_repairs,
                    log=(lambda s: None) if as_json else (lambda s: console.print(s, highlight=False)))
     if as_json:
         click.echo(path.read_text())
