@@ -11,7 +11,7 @@ from torch import fx
 from autotm_py.optimizer import optimize
 from autotm_py.runtime import compile as compile_plan
 from autotm_py.runtime.defrag import (MAX_CUT, MIN_CUT, MemoryTrace, kernel_memory_trace, lowered_limits,
-                                      offending_kernels)
+                                      offending_kernels, repair_limits)
 from autotm_py.runtime.step import RunError
 
 from .test_runtime import small  # noqa: F401 - the shared tiny CNN, its graph and profile
@@ -67,6 +67,19 @@ def test_lowered_limits_cut_windows_once() -> None:
     out = lowered_limits(lim, np.array([0, 29]), 1.001, window=2)
     assert out.tolist() == [980] * 3 + [1000] * 24 + [980] * 3
     assert lowered_limits(lim, np.array([], dtype=np.int64), 2.0).tolist() == lim.tolist()
+
+
+def test_repeated_repair_cuts_the_whole_step() -> None:
+    lim = np.full(40, 1000, dtype=np.int64)
+    lim[30] = 500  # a kernel an earlier repair already lowered
+    # first repair, out of memory at kernel 20 (overshoot unknown: the largest cut), window 10 each side
+    first = repair_limits(lim, np.array([20]), 1 + 2 * MAX_CUT, repeated=False)
+    assert first[10:31].tolist() == [900] * 10 + [900] + [900] * 9 + [450]
+    assert first[:10].tolist() == [1000] * 10 and first[31:].tolist() == [1000] * 9
+    # out of memory again, elsewhere: every kernel is cut, the lowered one once more
+    again = repair_limits(first, np.array([33]), 1 + 2 * MAX_CUT, repeated=True)
+    assert again[:10].tolist() == [900] * 10 and again[10:20].tolist() == [810] * 10
+    assert again[30] == 405 and again[35:].tolist() == [900] * 5
 
 
 def test_offending_kernels_from_a_trace() -> None:

@@ -34,7 +34,8 @@ from torch import nn
 from ..graph import capture, zoo
 from ..optimizer import Infeasible, optimize
 from ..runtime import compile as compile_plan
-from ..runtime.defrag import MAX_CUT, kernel_memory_trace, lowered_limits, offending_kernels, retry_kernels
+from ..runtime.defrag import (MAX_CUT, kernel_memory_trace, lowered_limits, offending_kernels, repair_limits,
+                              retry_kernels)
 from ..runtime.step import SEARCH_STEPS, median, time_steps
 
 
@@ -278,7 +279,8 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
             if retries == 0 or attempt == max_retries or fitted_repairs >= retry_repairs:
                 break
         per_kernel = np.broadcast_to(np.asarray(limit, dtype=np.int64), (len(graph.kernels),))
-        limit, where = _repaired(step, x, y, per_kernel, cap, total, peak, status)
+        repeated = len(attempts) > 1 and attempts[-2]["status"] == "out of memory" and status == "out of memory"
+        limit, where = _repaired(step, x, y, per_kernel, cap, total, peak, status, repeated)
         if status == "ok" and peak <= cap and not where:
             break  # retries the trace cannot place: keep what ran
         attempts[-1]["lowered_at"] = where[:50]
@@ -293,10 +295,11 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
 
 
 def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, cap: int, total: int,
-              peak: int, status: str) -> tuple[np.ndarray, list[int]]:
+              peak: int, status: str, repeated: bool = False) -> tuple[np.ndarray, list[int]]:
     """(lowered per-kernel limits, the kernels that went over the cap, or for a step that fitted,
     those where the allocator had to free its cache). A step that went over between kernels,
-    or whose trace failed otherwise, gets its limit lowered everywhere."""
+    or whose trace failed otherwise, gets its limit lowered everywhere; so does one that ran
+    out of memory again after an earlier repair (`repeated`, see defrag.repair_limits)."""
     _reset(cap / total)
     try:
         trace = kernel_memory_trace(step, x, y)
@@ -310,7 +313,7 @@ def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, c
             where = retry_kernels(trace)
             return lowered_limits(limits, where, RETRY_RATIO), where.tolist()
         if len(offending):
-            return lowered_limits(limits, offending, worst), offending.tolist()
+            return repair_limits(limits, offending, worst, repeated), offending.tolist()
     overshoot = (peak / cap - 1) if status == "ok" else 2 * MAX_CUT
     return lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), []
 

@@ -4,7 +4,9 @@ lower the fast-memory limit in windows around the kernels that went over it, and
 
 The plan counts tensor bytes; the caching allocator adds rounding, fragmentation and the
 workspaces cuDNN picks at run time. Lowering only local windows keeps the rest of the step as
-free as the budget allows, where lowering the whole limit would move data everywhere.
+free as the budget allows, where lowering the whole limit would move data everywhere. When the
+re-solved plan runs out of memory again, elsewhere, the shortfall is not local: the next cut
+covers the whole step (`repair_limits`).
 """
 
 from __future__ import annotations
@@ -102,3 +104,15 @@ def lowered_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float
     covered = np.cumsum(mark[:-1]) > 0
     lim[covered] = np.floor(lim[covered] * (1 - cut)).astype(np.int64)
     return lim
+
+
+def repair_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float,
+                  repeated: bool) -> np.ndarray:
+    """The limits of the next solve after a step went over them at `offending`. A first repair
+    cuts windows around those kernels; a `repeated` one (the plan solved after an earlier cut
+    ran out of memory again) cuts every kernel. On an H200 (DenseNet-201 batch 128 under 5.2 GiB,
+    asynchronous plans) window cuts moved the failure along the step, kernel 726, then 1028,
+    1061 and 1093, one window further each time, until the retries ran out."""
+    if repeated:
+        return lowered_limits(limits, np.arange(len(limits)), worst_ratio, window=0)
+    return lowered_limits(limits, offending, worst_ratio)
