@@ -103,15 +103,19 @@ def test_error_bars_from_measured_runs() -> None:
     assert heights(rel)[:3] == pytest.approx([100 * (t - (t + 0.5) / 1.5) / ((t + 0.5) / 1.5) for t in (4.0, 2.5, 1.0)])
 
 
-def test_gpu_bars_and_lower_bound_from_the_committed_report() -> None:
-    report = load_gpu_report(GPU_REPORT)
+@pytest.mark.parametrize("name", ["gpu_peers.json", "gpu_peers_h200.json"])
+def test_gpu_bars_and_lower_bound_from_the_committed_report(name: str) -> None:
+    report = load_gpu_report(GPU_REPORT.with_name(name))
     ax = gpu_figure(report).axes[0]
     ok = sum(1 + sum(m["status"] == "ok" for m in c["methods"]) for c in report["cases"])
     assert ok >= 3 and len(ax.patches) == ok
     lb = [c for c in ax.collections if isinstance(c, LineCollection)]
     assert len(lb) == len(report["cases"])
     assert lb[0].get_segments()[0][0][1] == pytest.approx(report["cases"][0]["lower_bound_seconds"])
-    assert "transfer lower bound" in [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "transfer lower bound" in legend
+    ran = {m["method"] for c in report["cases"] for m in c["methods"] if m["status"] == "ok"}
+    assert set(legend) == {"transfer lower bound", "unconstrained"} | ran  # no entry without bars
 
 
 def test_plot_commands_write_png_and_pdf(tmp_path) -> None:

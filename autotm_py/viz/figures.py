@@ -335,14 +335,17 @@ def gpu_figure(report: Mapping[str, Any]) -> Figure:
             if isinstance(t, (int, float)) and math.isfinite(t):
                 xs.append(i + (j - (n - 1) / 2) * width)
                 hs.append(t)
-        ax.bar(xs, hs, width, label=method, color=cmap(j % 10))
+        if xs:  # a method that ran nowhere is named under the axis, not in the legend
+            ax.bar(xs, hs, width, label=method, color=cmap(j % 10))
     for i, c in enumerate(cases):
         lb = c.get("lower_bound_seconds")
         if isinstance(lb, (int, float)) and math.isfinite(lb):
             ax.hlines(lb, i - 0.45, i + 0.45, colors="black", linestyles="--",
                       label="transfer lower bound" if i == 0 else None)
     ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels([f"{c['model']} {c['batch']}\ncap {c['cap_fraction']:.0%}" for c in cases])
+    ax.set_xticklabels([f"{c['model']} {c['batch']}\ncap {c['cap_bytes'] / 2**30:.1f} GiB ({c['cap_fraction']:.0%})"
+                        if c.get("cap_bytes") else f"{c['model']} {c['batch']}\ncap {c['cap_fraction']:.0%}"
+                        for c in cases])
     ax.set_ylabel("step time (s, measured)")
     ax.set_title(f"GPU comparison under a memory cap ({report.get('device', 'GPU')})")
     ax.legend(fontsize=7)
