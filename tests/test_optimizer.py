@@ -593,6 +593,48 @@ def test_workspace_is_a_choice_where_its_time_without_is_known(form):
     assert left_out and reserved and 3.0 in reserved
 
 
+@pytest.mark.parametrize("form", ["synchronous", "asynchronous"])
+def test_workspace_rooms_between_none_and_all(form):
+    """With a partial room profiled too (cuDNN's first algorithm that fits in it), the plan
+    reserves the small room, the partial one or the whole workspace: it equals the best of
+    three brute forces, each with the kernel's limit lowered by that room and the kernel at
+    the time it was timed with there. A partial room no faster than the small one is no option."""
+    import numpy as np
+
+    from autotm_py.optimizer.limits import kernel_needs
+
+    g = chain_graph()
+    prof = make_profile(g, "cuda", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    need = kernel_needs(g, prof, form)[0]
+    k = int(np.argmax(need))
+    t0 = prof.kernels[k].times[0]
+    rooms = {5: t0 + 3.0, 20: t0 + 0.3, 45: t0}
+    costs = list(prof.kernels)
+    costs[k] = dataclasses.replace(costs[k], workspace=45, time_without_workspace=rooms[5], room_without_workspace=5,
+                                   partial_workspace=((20, rooms[20]), (30, rooms[5] + 1.0)))
+    with_rooms = dataclasses.replace(prof, kernels=tuple(costs))
+    assert with_rooms.kernels[k].workspace_options() == ((5, rooms[5]), (20, rooms[20]), (45, t0))
+    chosen = set()
+    for lim in (int(need[k]) + 10, int(need[k]) + 25, int(need[k]) + 45, 220, 260):
+        options = []
+        for room, t in rooms.items():
+            if need[k] + room > lim:
+                continue
+            timed = list(prof.kernels)
+            timed[k] = dataclasses.replace(timed[k], times={0: t})
+            lims = np.full(len(g.kernels), lim)
+            lims[k] -= room
+            options.append(brute_force(g, dataclasses.replace(prof, kernels=tuple(timed)), form, lims, window=1))
+        got, plan = _solve(g, with_rooms, form, lim, async_window=1)
+        if not options or math.isinf(min(options)):
+            assert math.isinf(got)
+            continue
+        assert got == pytest.approx(min(options), rel=1e-9), (lim, options, got)
+        assert plan.workspace[k] in rooms and plan.fast_bytes[k] + plan.workspace[k] <= lim
+        chosen.add(plan.workspace[k])
+    assert 20 in chosen and len(chosen) >= 2
+
+
 def test_kernels_of_one_signature_reserve_their_workspace_alike(monkeypatch):
     """cuDNN keeps one algorithm per convolution shape: two kernels of one signature both get
     their whole workspace (both at the profiled time) or both the small room (both slower),

@@ -155,9 +155,8 @@ def start_vector(model: Model, graph: Graph, profile: Profile, plan: Plan) -> np
     fb = fast_bytes_per_kernel(graph, free_plans)
     x[model.m_col0:model.m_col0 + len(model.nonview)] = fb[model.nonview] / BYTE_UNIT
     ws = plan_workspace(graph, profile, plan)
-    x[model.ws_col] = 1.0  # a group reserves only where all its kernels do
-    np.minimum.at(x, model.ws_col,
-                  (ws[model.ws_kernel] >= model.ws_base[model.ws_kernel] + model.ws_extra[model.ws_kernel]) * 1.0)
+    x[model.ws_col] = 1.0  # a group takes a room step only where all its kernels have that room
+    np.minimum.at(x, model.ws_col, (ws[model.ws_kernel] >= model.ws_reach) * 1.0)
     load: dict[int, float] = {}
     for mv in plan.moves:
         if mv.kind == "async":

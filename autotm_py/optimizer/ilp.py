@@ -20,11 +20,12 @@ overlap (z). Differences from the original, each on purpose:
   so this equals the original's write[t]);
 * cuDNN workspaces (CUDA) need room beside the live tensors: a fixed room per kernel
   (limits.kernel_workspace), and where the profile holds a kernel's time without its
-  workspace as well as with it, a binary w per group of kernels of one signature (cuDNN
-  keeps one algorithm per convolution shape): w = 1 reserves the rest of the workspace at
-  each of them (M[k] + rest w <= the M column's bound) and they cost their profiled time,
-  w = 0 their time without. The original had no workspaces (its GPU path reserved cuDNN's
-  once, outside the model);
+  workspace as well as with it, binaries w_1 >= ... >= w_n per group of kernels of one
+  signature (cuDNN keeps one algorithm per convolution shape), one per larger room the
+  kernel was timed with (partial rooms, then the whole workspace): w_j = 1 adds the bytes
+  from room j-1 to room j at each of them (M[k] + those bytes <= the M column's bound) and
+  the time saved from one to the other; all w = 0 is the small room and the time without.
+  The original had no workspaces (its GPU path reserved cuDNN's once, outside the model);
 * a kernel with async copies has, beside z >= T and z >= the sum of its copies, the valid
   row z >= tmin + sum of (copy - tmin) x over its copies longer than tmin (its fastest
   configuration): the convex hull of max(T, copy) for one copy. Without it the LP relaxation
@@ -81,15 +82,19 @@ class Model:
     z_kernel: np.ndarray  # kernels with a z column, and the columns
     z_col: np.ndarray
     build_seconds: float
-    ws_base: np.ndarray  # per kernel: workspace bytes always reserved, and what w adds
+    ws_base: np.ndarray  # per kernel: workspace bytes always reserved, and the most the steps add
     ws_extra: np.ndarray
-    ws_kernel: np.ndarray  # kernels whose workspace is a choice, and their (group's) w columns
+    # one entry per (kernel, room step) of a workspace choice: the kernel, its group's step
+    # column, the bytes the step adds and the room the kernel has once it is taken
+    ws_kernel: np.ndarray
     ws_col: np.ndarray
+    ws_bytes: np.ndarray
+    ws_reach: np.ndarray
 
     def workspace(self, x: np.ndarray) -> np.ndarray:
         """Workspace bytes a solution reserves at each kernel."""
         out = self.ws_base.copy()
-        out[self.ws_kernel] += self.ws_extra[self.ws_kernel] * (x[self.ws_col] > 0.5)
+        np.add.at(out, self.ws_kernel, self.ws_bytes * (x[self.ws_col] > 0.5))
         return out
 
     @property
@@ -318,21 +323,50 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     mrow = rows.new(np.zeros(N), 0.0)
     rows.add(mrow, m_col0 + np.arange(N), 1.0)
     rows.add(mrow[1:], m_col0 + np.arange(N - 1), -1.0)
-    ws_kernel = np.flatnonzero(ws_extra > 0)
-    groups, ws_col = np.unique(ws_group[ws_kernel], return_inverse=True)
-    ws_col = ncols + ws_col.reshape(-1)
-    ncols += len(groups)
-    col_lo.append(np.zeros(len(groups))); col_hi.append(np.ones(len(groups)))
-    integ.append(np.ones(len(groups), dtype=bool)); cost.append(np.zeros(len(groups)))
+    # A group's rooms r_0 (base) < r_1 < ... < r_n get step columns w_1 >= ... >= w_n: the
+    # kernel reserves r_j where w_j is the last one set, at the time it was timed with there.
+    # Each step adds (r_j - r_{j-1}) bytes and (t_j - t_{j-1}) seconds (negative) per kernel.
+    choosing = np.flatnonzero(ws_extra > 0)
+    step_k: list[int] = []
+    step_c: list[int] = []
+    step_b: list[int] = []
+    step_reach: list[int] = []
+    ws_saves: dict[int, list[tuple[int, float]]] = {}
+    order_rows: list[tuple[int, int]] = []
+    for g in np.unique(ws_group[choosing]).tolist():
+        ks = choosing[ws_group[choosing] == g].tolist()
+        lo, hi = int(ws_base[ks[0]]), int(ws_base[ks[0]] + ws_extra[ks[0]])
+        steps = [r for r, _ in profile.kernels[ks[0]].workspace_options() if lo < r <= hi]
+        prev_col = -1
+        for j, r in enumerate(steps):
+            col = ncols
+            ncols += 1
+            prev_r = lo if j == 0 else steps[j - 1]
+            for k in ks:
+                kc = profile.kernels[k]
+                before = kernel_time_terms[k][2] if j == 0 else kc.seconds_with_room(prev_r)
+                step_k.append(k); step_c.append(col); step_b.append(r - prev_r); step_reach.append(r)
+                ws_saves.setdefault(k, []).append((col, kc.seconds_with_room(r) - before))
+            if prev_col >= 0:
+                order_rows.append((col, prev_col))
+            prev_col = col
+    n_steps = ncols - (m_col0 + N)
+    col_lo.append(np.zeros(n_steps)); col_hi.append(np.ones(n_steps))
+    integ.append(np.ones(n_steps, dtype=bool)); cost.append(np.zeros(n_steps))
+    ws_kernel = np.array(step_k, dtype=np.int64)
+    ws_col = np.array(step_c, dtype=np.int64)
+    ws_bytes = np.array(step_b, dtype=np.int64)
     if len(ws_kernel):
-        wpos = np.searchsorted(nonview, ws_kernel)
-        wrow = rows.new(np.full(len(ws_kernel), -np.inf), m_hi[wpos])  # M[k] + ws w <= bound
+        wk = np.unique(ws_kernel)
+        wpos = np.searchsorted(nonview, wk)
+        wrow = rows.new(np.full(len(wk), -np.inf), m_hi[wpos])  # M[k] + sum of its steps' bytes <= bound
         rows.add(wrow, m_col0 + wpos, 1.0)
-        rows.add(wrow, ws_col, ws_extra[ws_kernel] / BYTE_UNIT)
-    # such a kernel costs its time without the workspace (its constant term already) plus
-    # (profiled - that) w
-    ws_saves = {k: (col, profile.kernels[k].times[0] - kernel_time_terms[k][2])
-                for k, col in zip(ws_kernel.tolist(), ws_col.tolist())}
+        rows.add(wrow[np.searchsorted(wk, ws_kernel)], ws_col, ws_bytes / BYTE_UNIT)
+    if order_rows:
+        later, earlier = (np.array(v, dtype=np.int64) for v in zip(*order_rows))
+        orow = rows.new(np.full(len(later), -np.inf), 0.0)  # w_j - w_{j-1} <= 0
+        rows.add(orow, later, 1.0)
+        rows.add(orow, earlier, -1.0)
     # segments of each tensor's in-fast expression along non-view positions
     npos = np.searchsorted(nonview, np.arange(K + 1))  # kernel -> first non-view position >= it
     first = np.array([graph.tensors[s].first for s in fg.storages], dtype=np.int64)
@@ -391,8 +425,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         offset += const
         if cols:
             c[cols] = times
-        if k in ws_saves:
-            c[ws_saves[k][0]] += ws_saves[k][1]
+        for col, dt in ws_saves.get(k, ()):
+            c[col] += dt
     if len(z_kernel):
         # rows in milliseconds: a small tensor's copy takes well under a nanosecond, which a
         # row in seconds would carry as a coefficient below the solver's zero tolerance
@@ -403,8 +437,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
             cols, times, _ = kernel_time_terms[k]
             if cols:
                 rows.add(np.full(len(cols), zrow_t[i]), cols, -np.array(times) * ROW_TIME_UNIT)
-            if k in ws_saves:
-                rows.add(zrow_t[i:i + 1], [ws_saves[k][0]], -ws_saves[k][1] * ROW_TIME_UNIT)
+            for col, dt in ws_saves.get(k, ()):
+                rows.add(zrow_t[i:i + 1], [col], -dt * ROW_TIME_UNIT)
         rows.add(zrow_t, z_col, ROW_TIME_UNIT)
         rows.add(zrow_m, z_col, ROW_TIME_UNIT)
         zi = np.searchsorted(z_kernel, async_k)
@@ -415,7 +449,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         # max(T, copy x). Without it the LP hides a long copy in fractions under several
         # kernels at once, which no plan can do (the weak bound of large models).
         tmin = np.array([min(kernel_time_terms[k][1]) if kernel_time_terms[k][0]
-                         else kernel_time_terms[k][2] + ws_saves.get(k, (0, 0.0))[1]
+                         else kernel_time_terms[k][2] + sum(dt for _, dt in ws_saves.get(k, ()))
                          for k in z_kernel.tolist()])
         longer = mc[asy] > tmin[zi]
         if longer.any():
@@ -433,7 +467,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     return Model(
         c, offset, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ),
         start, index, value, rlo, rhi, fg, cfg_kernel, cfg_mask, cfg_col, m_col0, nonview,
-        z_kernel, z_col, time.perf_counter() - t0, ws_base, ws_extra, ws_kernel, ws_col,
+        z_kernel, z_col, time.perf_counter() - t0, ws_base, ws_extra, ws_kernel, ws_col, ws_bytes,
+        np.array(step_reach, dtype=np.int64),
     )
 
 

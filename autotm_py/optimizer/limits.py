@@ -157,10 +157,11 @@ def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_byt
 
     * a kernel whose profile holds its time without the workspace (timed with only
       `room_without_workspace` bytes free) always gets that small room, where it fits beside
-      what the kernel needs in any case; the rest of its workspace is the plan's choice where
-      that saves time. cuDNN keeps one algorithm per convolution shape for the whole process,
-      the last one that fit, so kernels with the same signature form one group that reserves
-      alike, and only where the whole workspace fits at every one of them;
+      what the kernel needs in any case; more room, up to one of the rooms it was timed with
+      (KernelCost.workspace_options: partial rooms, the whole workspace), is the plan's choice
+      where that saves time. cuDNN keeps one algorithm per convolution shape for the whole
+      process, the last one that fit, so kernels with the same signature form one group that
+      reserves alike, up to the largest of those rooms that fits at every one of them;
     * any other kernel gets its whole workspace where it fits, else none (it then runs with
       what cuDNN finds, at a time the profile does not know)."""
     K = len(profile.kernels)
@@ -181,8 +182,10 @@ def kernel_workspace(graph: Graph, profile: Profile, formulation: str, limit_byt
         if profile.kernels[k].workspace_saves > 0:
             members.setdefault(kernel_signature(graph.kernels[k]), []).append(k)
     for ks in members.values():
-        if all(ws[k] <= room[k] for k in ks):
-            extra[ks] = ws[ks] - base[ks]
+        fits = [r for r, _ in profile.kernels[ks[0]].workspace_options() if all(r <= room[k] for k in ks)]
+        top = max(fits, default=0)
+        if top > max(base[k] for k in ks):
+            extra[ks] = top - base[ks]
             group[ks] = ks[0]
     return base, extra, group
 

@@ -242,13 +242,13 @@ def kernel_seconds(profile: Profile, kernel: int, mask: int, workspace: int | No
     """Time of a kernel under a placement. Unprofiled masks (only baselines produce them)
     use the profiled mask with the fewest extra slow bits among those with at least these
     slow bits (ties: the slower); with none, the slowest profiled mask. `workspace`: bytes
-    the kernel gets for its workspace (None: all it wants); with less, its time without a
-    workspace where the profile has one."""
+    the kernel gets for its workspace (None: all it wants); with less, the time of the
+    profiled room it covers (KernelCost.seconds_with_room) where the profile has one."""
     kc = profile.kernels[kernel]
     times = kc.times
     if (workspace is not None and mask == 0 and workspace < kc.workspace
             and kc.time_without_workspace is not None):
-        return max(kc.time_without_workspace, times[0])
+        return kc.seconds_with_room(workspace)
     if mask in times:
         return times[mask]
     supersets = [m for m in times if m & mask == mask]

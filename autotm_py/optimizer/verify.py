@@ -114,18 +114,18 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
     if plan.workspace is not None:
         bad = [k for k, b in enumerate(plan.workspace[:len(graph.kernels)])
                if b not in (0, profile.kernels[k].workspace,
-                            min(profile.kernels[k].room_without_workspace, profile.kernels[k].workspace))]
+                            *(r for r, _ in profile.kernels[k].workspace_options()))]
         if len(plan.workspace) != len(graph.kernels) or bad:
             out.append("workspace must have one entry per kernel, each 0, the kernel's whole measured "
-                       "workspace or the room it was timed with without it"
+                       "workspace or a room it was timed with"
                        f"{f' (kernel #{bad[0]} has {plan.workspace[bad[0]]:,})' if bad else ''}")
             return out
         _, _, group = kernel_workspace(graph, profile, plan.formulation, plan.limit_at(),
                                        move_state=plan.move_state)
-        whole: dict[int, set[bool]] = {}
+        rooms: dict[int, set[int]] = {}
         for k in np.flatnonzero(group >= 0).tolist():
-            whole.setdefault(int(group[k]), set()).add(plan.workspace[k] == profile.kernels[k].workspace)
-        split = [g for g, v in whole.items() if len(v) > 1]
+            rooms.setdefault(int(group[k]), set()).add(int(plan.workspace[k]))
+        split = [g for g, v in rooms.items() if len(v) > 1]
         if split:
             out.append(f"kernels of one signature (kernel #{split[0]}'s) reserve their workspace unalike; "
                        "cuDNN keeps one algorithm for all of them")

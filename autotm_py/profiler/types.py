@@ -28,9 +28,38 @@ class KernelCost:
     # bytes (cuDNN then falls back to algorithms with small ones); None where not measured
     time_without_workspace: float | None = None
     room_without_workspace: int = 0
+    # mask-0 (room, seconds) timed with rooms between those two: cuDNN takes the first
+    # algorithm whose workspace fits, and one with part of the workspace may be nearly as fast
+    partial_workspace: tuple[tuple[int, float], ...] = ()
 
     def time(self, mask: int = 0) -> float:
         return self.times[mask]
+
+    def workspace_options(self) -> tuple[tuple[int, float], ...]:
+        """(room, mask-0 seconds) a plan can choose from, smallest room first: the room the
+        time without workspace was taken with, the partial rooms, the whole workspace. A
+        room that is not faster than a smaller one is left out; () where no choice is known."""
+        if self.time_without_workspace is None or not self.workspace:
+            return ()
+        fast = self.times[0]
+        points = sorted({(min(self.room_without_workspace, self.workspace), max(self.time_without_workspace, fast)),
+                         *((r, max(t, fast)) for r, t in self.partial_workspace if r < self.workspace),
+                         (self.workspace, fast)})
+        out: list[tuple[int, float]] = []
+        for r, t in points:
+            if out and (r == out[-1][0] or t >= out[-1][1]):
+                continue
+            out.append((r, t))
+        return tuple(out)
+
+    def seconds_with_room(self, room: int) -> float:
+        """Mask-0 time with `room` bytes free for the workspace (all it wants: the profiled
+        time; less: the best option that fits, or the smallest's time where none does)."""
+        opts = self.workspace_options()
+        if room >= self.workspace or not opts:
+            return self.times[0]
+        fit = [t for r, t in opts if r <= room]
+        return fit[-1] if fit else opts[0][1]
 
     @property
     def workspace_saves(self) -> float:
