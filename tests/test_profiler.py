@@ -317,6 +317,37 @@ def test_no_workspace_child_reports_every_kernel_in_order(twin_conv_graph):
         assert all(r.seconds is None and r.error for r in results)
 
 
+def test_partial_rooms_go_to_the_child_one_per_kernel(twin_conv_graph):
+    """Rooms travel with their kernels (one each, in order), and a list of the wrong length is
+    refused; partial rooms are shares of the workspace in 2 MiB granules, none at or below the
+    room without workspace."""
+    from autotm_py.profiler import noworkspace
+
+    convs = _convs(twin_conv_graph)
+    results = noworkspace.measure(convs, FAST_POLICY, True, rooms=[64 << 20] * len(convs))
+    assert len(results) == len(convs)
+    with pytest.raises(ValueError, match="one room per kernel"):
+        noworkspace.measure(convs, FAST_POLICY, True, rooms=[1])
+    assert noworkspace.partial_room(1 << 30, 4) == 256 << 20
+    assert noworkspace.partial_room(1000 << 20, 16) == 62 << 20  # 62.5 MiB down to a 2 MiB granule
+    assert noworkspace.partial_room(256 << 20, 16) == 0  # 16 MiB: not more than the 32 MiB slack
+
+
+def test_workspace_options_drop_rooms_that_buy_nothing() -> None:
+    """Smallest room first, each faster than the one before; a partial room timed faster than
+    the whole workspace counts at the whole workspace's time, which then buys nothing more."""
+    from autotm_py.profiler import KernelCost
+
+    c = KernelCost(0, (), {0: 1.0}, workspace=1000, time_without_workspace=5.0, room_without_workspace=32,
+                   partial_workspace=((100, 6.0), (250, 2.0), (400, 2.0)))
+    assert c.workspace_options() == ((32, 5.0), (250, 2.0), (1000, 1.0))
+    assert [c.seconds_with_room(r) for r in (0, 31, 32, 249, 250, 999, 1000)] == [5.0, 5.0, 5.0, 5.0, 2.0, 2.0, 1.0]
+    noisy = KernelCost(0, (), {0: 1.0}, workspace=1000, time_without_workspace=5.0, room_without_workspace=32,
+                       partial_workspace=((250, 0.9),))
+    assert noisy.workspace_options() == ((32, 5.0), (250, 1.0))
+    assert KernelCost(0, (), {0: 1.0}, workspace=1000).workspace_options() == ()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_workspace_times_leave_this_process_algorithms_alone(tmp_path):
     """Convolutions with large cuDNN workspaces get a second time, taken in a child with the
@@ -344,6 +375,14 @@ def test_no_workspace_times_leave_this_process_algorithms_alone(tmp_path):
     assert again < 1.5 * big[0].times[0], "this process still runs the fast algorithm"
     res = noworkspace.measure([k], FAST_POLICY, True)[0]
     assert res.seconds is not None and res.workspace <= noworkspace.SLACK_BYTES, res
+    # partial rooms: each taken with less than the whole workspace, the child using at most it
+    shared = [c for c in big if noworkspace.partial_room(c.workspace, 4)]
+    assert prof.stats["timed_with_partial_workspace"] == len({profile_signature(g.kernels[c.kernel]) for c in shared})
+    assert all(0 < r < c.workspace for c in big for r, _ in c.partial_workspace)
+    if shared:
+        room = noworkspace.partial_room(shared[0].workspace, 4)
+        part = noworkspace.measure([g.kernels[shared[0].kernel]], FAST_POLICY, True, rooms=[room])[0]
+        assert part.seconds is not None and part.workspace <= room, part
     # a second profile reads both times from the cache
     again_prof = profile(g, device="cuda", cache=tmp_path / "c.sqlite", progress=False)
     assert again_prof.stats["configs_measured"] == 0

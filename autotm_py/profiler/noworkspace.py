@@ -4,14 +4,16 @@ A plan that keeps a convolution's inputs and outputs in device memory but not it
 workspace runs it with whatever algorithm fits the memory left: cuDNN filters its candidates by
 the device's free memory and falls back to ones with small workspaces. The profiler's
 ordinary timing had the whole device to itself, so such a kernel is timed again here with the
-device filled up to its outputs plus SLACK_BYTES.
+device filled up to its outputs plus SLACK_BYTES, and again with partial rooms (a share of its
+workspace, PARTIAL_SHARES), where cuDNN may find an algorithm nearly as fast for less memory.
 
 Why a child process: cuDNN keeps the algorithm it chose per convolution for the life of the
 process (its benchmark cache has no eviction). Timed in the profiling process, the fallback
 algorithm would replace the fast one for every later step there.
 
-The child reads a pickled list of Kernels and the cuDNN mode, and prints one JSON line per
-kernel: {"i": index, "seconds": s, "runs": n, "workspace": bytes} or {"i": index, "error": why}.
+The child reads a pickled list of Kernels, the room each may find free beside its outputs and
+the cuDNN mode, and prints one JSON line per kernel: {"i": index, "seconds": s, "runs": n,
+"workspace": bytes} or {"i": index, "error": why}.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ from .harness import TimingPolicy
 SLACK_BYTES = 32 << 20
 # kernels with smaller workspaces are not timed again: too little memory to be worth a choice
 MIN_WORKSPACE = 16 << 20
+# partial rooms, as shares 1/n of the workspace, each timed in a child of its own (one cuDNN
+# choice per convolution shape and process): heuristic algorithms that fit in part of the
+# workspace may be nearly as fast as the one that wants it all
+PARTIAL_SHARES = (16, 4)
+
+
+def partial_room(workspace: int, share: int) -> int:
+    """The room 1/`share` of `workspace` leaves (2 MiB granules); 0 where that is not more
+    than SLACK_BYTES, the room without workspace."""
+    room = workspace // share // (2 << 20) * (2 << 20)
+    return room if room > SLACK_BYTES else 0
 
 
 @dataclass(frozen=True)
@@ -45,15 +58,19 @@ class Result:
 
 
 def measure(kernels: Sequence[Kernel], policy: TimingPolicy, cudnn_benchmark: bool,
-            on_result: Callable[[int, Result], None] | None = None) -> list[Result]:
-    """Time each kernel with the device full up to its outputs (see the module docstring).
-    A child that dies takes the kernel it was timing with it (recorded as an error); the
-    rest go to a new child."""
+            on_result: Callable[[int, Result], None] | None = None,
+            rooms: Sequence[int] | None = None) -> list[Result]:
+    """Time each kernel with the device full up to its outputs plus its room (`rooms`, one per
+    kernel; default SLACK_BYTES), see the module docstring. A child that dies takes the
+    kernel it was timing with it (recorded as an error); the rest go to a new child."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the child needs the memory this process keeps cached
+    room_of = [SLACK_BYTES] * len(kernels) if rooms is None else [int(r) for r in rooms]
+    if len(room_of) != len(kernels):
+        raise ValueError("rooms must give one room per kernel")
     results: dict[int, Result] = {}
     todo = list(range(len(kernels)))
     root = str(Path(__file__).resolve().parents[2])
@@ -62,8 +79,8 @@ def measure(kernels: Sequence[Kernel], policy: TimingPolicy, cudnn_benchmark: bo
         with tempfile.TemporaryDirectory() as tmp:
             job = os.path.join(tmp, "kernels.pkl")
             with open(job, "wb") as fh:
-                pickle.dump({"kernels": [kernels[i] for i in todo], "policy": policy,
-                             "cudnn_benchmark": cudnn_benchmark}, fh)
+                pickle.dump({"kernels": [kernels[i] for i in todo], "rooms": [room_of[i] for i in todo],
+                             "policy": policy, "cudnn_benchmark": cudnn_benchmark}, fh)
             proc = subprocess.Popen([sys.executable, "-m", __name__, job], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=env)
             assert proc.stdout is not None
@@ -100,7 +117,7 @@ def _child(path: str) -> None:
     torch.backends.cudnn.benchmark = job["cudnn_benchmark"]
     dev = torch.device("cuda")
     fast = dram_alloc("cuda")
-    for i, k in enumerate(job["kernels"]):
+    for i, (k, room) in enumerate(zip(job["kernels"], job["rooms"])):
         out: dict[str, object] = {"i": i}
         filler = call = None
         try:
@@ -111,7 +128,7 @@ def _child(path: str) -> None:
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
                 free, _ = torch.cuda.mem_get_info()
-                fill = (free - out_bytes - SLACK_BYTES) // (2 << 20) * (2 << 20)
+                fill = (free - out_bytes - room) // (2 << 20) * (2 << 20)
                 if fill > 0:
                     filler = torch.empty(fill, dtype=torch.uint8, device=dev)
                 t = time_call(call.fn, job["policy"], "cuda", graphs=False)

@@ -46,6 +46,11 @@ from .types import Bandwidths, KernelCost, Profile
 
 PRUNE_ABOVE = 6
 NO_WORKSPACE = "noworkspace:dram:0"  # cache key of a CUDA kernel's time without its workspace
+
+
+def partial_key(share: int) -> str:
+    """Cache key of a CUDA kernel's time with 1/`share` of its workspace free."""
+    return f"room{share}:dram:0"
 KERNEL_POLICY = TimingPolicy(warmup=1, min_runs=3, min_seconds=0.03, max_runs=200)
 
 
@@ -278,6 +283,7 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
 
     # ---- CUDA: kernels with large workspaces, timed again without room for them -----------
     late: list[tuple[str, Kernel]] = []
+    partial_timed: set[str] = set()
     if device == "cuda":
         late = [(sig, groups[sig][0]) for sig in groups
                 if workspaces.get(sig, 0) >= noworkspace.MIN_WORKSPACE and (sig, NO_WORKSPACE) not in rows]
@@ -295,6 +301,29 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
 
             if late:
                 noworkspace.measure([k for _, k in late], policy, bool(torch.backends.cudnn.benchmark), record)
+        # partial rooms: one child per share (cuDNN keeps one choice per shape and process)
+        for share in noworkspace.PARTIAL_SHARES:
+            key = partial_key(share)
+            part = [(sig, groups[sig][0]) for sig in groups
+                    if workspaces.get(sig, 0) >= noworkspace.MIN_WORKSPACE and (sig, key) not in rows
+                    and noworkspace.partial_room(workspaces[sig], share) > 0]
+            if not part:
+                continue
+            with _progress(progress, len(part), f"with 1/{share} of the workspace") as advance:
+                def record_part(i: int, r: noworkspace.Result) -> None:  # called within this iteration
+                    nonlocal measured
+                    sig, k = part[i]
+                    row = KernelRow(fp, sig, key, k.op, r.seconds, r.runs, error=r.error)
+                    kc.put_kernel(row)
+                    rows[(sig, key)] = row
+                    measured += 1
+                    partial_timed.add(sig)
+                    if on_measurement is not None:
+                        on_measurement(measured)
+                    advance(k.op)
+
+                noworkspace.measure([k for _, k in part], policy, bool(torch.backends.cudnn.benchmark), record_part,
+                                    rooms=[noworkspace.partial_room(workspaces[sig], share) for sig, _ in part])
 
     # ---- assemble --------------------------------------------------------------------------
     failed: dict[str, dict[str, Any]] = {}
@@ -326,9 +355,16 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
             modeled = modeled or est
             any_modeled = any_modeled or est
         tight = rows.get((sig, NO_WORKSPACE)) if device == "cuda" else None
-        costs.append(KernelCost(k.index, k.storages, times, modeled=modeled, workspace=workspaces.get(sig, 0),
+        ws = workspaces.get(sig, 0)
+        partial = []
+        for share in noworkspace.PARTIAL_SHARES if tight is not None else ():
+            row = rows.get((sig, partial_key(share)))
+            if row is not None and row.seconds is not None:
+                partial.append((noworkspace.partial_room(ws, share), row.seconds))
+        costs.append(KernelCost(k.index, k.storages, times, modeled=modeled, workspace=ws,
                                 time_without_workspace=None if tight is None else tight.seconds,
-                                room_without_workspace=noworkspace.SLACK_BYTES if tight is not None else 0))
+                                room_without_workspace=noworkspace.SLACK_BYTES if tight is not None else 0,
+                                partial_workspace=tuple(sorted(partial))))
     unique = len(groups)
     stats = {
         "compute_kernels": len(graph.compute_kernels),
@@ -338,6 +374,7 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
         "cached_kernels": unique - len(todo),
         "configs_measured": measured,
         "timed_without_workspace": len(late),
+        "timed_with_partial_workspace": len(partial_timed),
         "configs_cached": cached_jobs,
         "configs_per_kernel_max": max((len(v) for v in masks_of.values()), default=0),
         "pruned_kernels": pruned,
