@@ -281,49 +281,36 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
                     on_measurement(measured)
             advance(k.op)
 
-    # ---- CUDA: kernels with large workspaces, timed again without room for them -----------
-    late: list[tuple[str, Kernel]] = []
-    partial_timed: set[str] = set()
+    # ---- CUDA: kernels with large workspaces, timed again with less room -----------------
+    # without workspace (32 MiB), then each partial share; every pass in child processes of
+    # its own (cuDNN keeps one choice per convolution shape and process)
+    timed_with_room: dict[str, set[str]] = {}
     if device == "cuda":
-        late = [(sig, groups[sig][0]) for sig in groups
-                if workspaces.get(sig, 0) >= noworkspace.MIN_WORKSPACE and (sig, NO_WORKSPACE) not in rows]
-        with _progress(progress, len(late), "without workspace") as advance:
-            def record(i: int, r: noworkspace.Result) -> None:
-                nonlocal measured
-                sig, k = late[i]
-                row = KernelRow(fp, sig, NO_WORKSPACE, k.op, r.seconds, r.runs, error=r.error)
-                kc.put_kernel(row)
-                rows[(sig, NO_WORKSPACE)] = row
-                measured += 1
-                if on_measurement is not None:
-                    on_measurement(measured)
-                advance(k.op)
-
-            if late:
-                noworkspace.measure([k for _, k in late], policy, bool(torch.backends.cudnn.benchmark), record)
-        # partial rooms: one child per share (cuDNN keeps one choice per shape and process)
-        for share in noworkspace.PARTIAL_SHARES:
-            key = partial_key(share)
-            part = [(sig, groups[sig][0]) for sig in groups
-                    if workspaces.get(sig, 0) >= noworkspace.MIN_WORKSPACE and (sig, key) not in rows
-                    and noworkspace.partial_room(workspaces[sig], share) > 0]
-            if not part:
+        passes: list[tuple[str, str, Callable[[int], int]]] = [
+            (NO_WORKSPACE, "without workspace", lambda ws: noworkspace.SLACK_BYTES)]
+        passes += [(partial_key(n), f"with 1/{n} of the workspace",
+                    lambda ws, n=n: noworkspace.partial_room(ws, n)) for n in noworkspace.PARTIAL_SHARES]
+        for key, what, room_of in passes:
+            short = [(sig, groups[sig][0]) for sig in groups
+                     if workspaces.get(sig, 0) >= noworkspace.MIN_WORKSPACE and (sig, key) not in rows
+                     and room_of(workspaces[sig]) > 0]
+            if not short:
                 continue
-            with _progress(progress, len(part), f"with 1/{share} of the workspace") as advance:
-                def record_part(i: int, r: noworkspace.Result) -> None:  # called within this iteration
+            with _progress(progress, len(short), what) as advance:
+                def record(i: int, r: noworkspace.Result) -> None:  # called within this iteration
                     nonlocal measured
-                    sig, k = part[i]
+                    sig, k = short[i]
                     row = KernelRow(fp, sig, key, k.op, r.seconds, r.runs, error=r.error)
                     kc.put_kernel(row)
                     rows[(sig, key)] = row
+                    timed_with_room.setdefault(key, set()).add(sig)
                     measured += 1
-                    partial_timed.add(sig)
                     if on_measurement is not None:
                         on_measurement(measured)
                     advance(k.op)
 
-                noworkspace.measure([k for _, k in part], policy, bool(torch.backends.cudnn.benchmark), record_part,
-                                    rooms=[noworkspace.partial_room(workspaces[sig], share) for sig, _ in part])
+                noworkspace.measure([k for _, k in short], policy, bool(torch.backends.cudnn.benchmark), record,
+                                    rooms=[room_of(workspaces[sig]) for sig, _ in short])
 
     # ---- assemble --------------------------------------------------------------------------
     failed: dict[str, dict[str, Any]] = {}
@@ -373,8 +360,8 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
         "measured_kernels": len(todo),
         "cached_kernels": unique - len(todo),
         "configs_measured": measured,
-        "timed_without_workspace": len(late),
-        "timed_with_partial_workspace": len(partial_timed),
+        "timed_without_workspace": len(timed_with_room.get(NO_WORKSPACE, ())),
+        "timed_with_partial_workspace": len(set().union(*(v for k, v in timed_with_room.items() if k != NO_WORKSPACE))),
         "configs_cached": cached_jobs,
         "configs_per_kernel_max": max((len(v) for v in masks_of.values()), default=0),
         "pruned_kernels": pruned,
