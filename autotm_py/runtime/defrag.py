@@ -5,8 +5,8 @@ lower the fast-memory limit in windows around the kernels that went over it, and
 The plan counts tensor bytes; the caching allocator adds rounding, fragmentation and the
 workspaces cuDNN picks at run time. Lowering only local windows keeps the rest of the step as
 free as the budget allows, where lowering the whole limit would move data everywhere. When the
-re-solved plan runs out of memory again, elsewhere, the shortfall is not local: the next cut
-covers the whole step (`repair_limits`).
+re-solved plan runs out of memory again, the shortfall is not local: the next cut covers the
+whole step (`repair_limits`).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def repair_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float,
     cuts windows around those kernels; a `repeated` one (the plan solved after an earlier cut
     ran out of memory again) cuts every kernel. On an H200 (DenseNet-201 batch 128 under 5.2 GiB,
     asynchronous plans) window cuts moved the failure along the step, kernel 726, then 1028,
-    1061 and 1093, one window further each time, until the retries ran out."""
+    1061 and 1093, each past the window cut before it, until the retries ran out."""
     if repeated:
         return lowered_limits(limits, np.arange(len(limits)), worst_ratio, window=0)
     return lowered_limits(limits, offending, worst_ratio)
