@@ -17,6 +17,18 @@ def test_help_lists_commands() -> None:
     assert r.exit_code == 0 and "graph" in r.output and "zoo" in r.output
 
 
+def test_python_dash_m_runs_the_command() -> None:
+    """`python -m autotm_py` is the `autotm` command, for machines without the console script."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "autotm_py", "zoo", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads(_run("zoo", "--json").output)
+    assert "vgg19" in [m["name"] for m in json.loads(r.stdout)]
+
+
 def test_zoo_json_has_paper_batches() -> None:
     r = _run("zoo", "--json")
     assert r.exit_code == 0
