@@ -82,8 +82,7 @@ class Model:
     z_kernel: np.ndarray  # kernels with a z column, and the columns
     z_col: np.ndarray
     build_seconds: float
-    ws_base: np.ndarray  # per kernel: workspace bytes always reserved, and the most the steps add
-    ws_extra: np.ndarray
+    ws_base: np.ndarray  # per kernel: workspace bytes always reserved
     # one entry per (kernel, room step) of a workspace choice: the kernel, its group's step
     # column, the bytes the step adds and the room the kernel has once it is taken
     ws_kernel: np.ndarray
@@ -467,7 +466,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     return Model(
         c, offset, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ),
         start, index, value, rlo, rhi, fg, cfg_kernel, cfg_mask, cfg_col, m_col0, nonview,
-        z_kernel, z_col, time.perf_counter() - t0, ws_base, ws_extra, ws_kernel, ws_col, ws_bytes,
+        z_kernel, z_col, time.perf_counter() - t0, ws_base, ws_kernel, ws_col, ws_bytes,
         np.array(step_reach, dtype=np.int64),
     )
 
