@@ -12,6 +12,7 @@ from autotm_py.optimizer import optimize
 from autotm_py.profiler import profile
 from autotm_py.runtime import compile as compile_plan
 from autotm_py.runtime import unplanned_step
+from autotm_py.runtime.movers import CpuMover, SlowArena
 from autotm_py.runtime.step import RunError, spec_from_optimizer
 
 FORMULATIONS = ["static", "synchronous", "asynchronous", "numa", "2lm"]
@@ -161,3 +162,107 @@ def test_later_steps_keep_cudnn_algorithms_and_restore_the_flag():
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+# ---- what a rewritten CUDA plan holds in fast memory, run on the CPU ---------------------
+class _HoldingMover(CpuMover):
+    """The CPU mover with the CUDA mover's lifetimes: both ends of an asynchronous copy stay
+    referenced from `start` until `wait`."""
+
+    def __init__(self, arena: SlowArena) -> None:
+        super().__init__(arena)
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def start(self, src, to, original=False):
+        out = super().start(src, to, original)
+        self.pending[id(out)] = (src, out)
+        return out
+
+    def wait(self, handle):
+        self.pending.pop(id(handle), None)
+        return handle
+
+
+def _fast_bytes_probe(base: type):
+    class Probe(base):
+        """Bytes of the distinct storages outside the slow arena that are alive after each
+        kernel runs: the interpreter's values, the step's arguments, copies in flight."""
+
+        def __init__(self, gm, mover, arena_block, flat, num_kernels):
+            super().__init__(gm)
+            self.mover, self.flat = mover, flat
+            self.lo = arena_block.data_ptr()
+            self.hi = self.lo + arena_block.numel()
+            self.fast = [0] * num_kernels
+
+        def _live(self, out) -> int:
+            seen: dict[int, int] = {}
+
+            def visit(v) -> None:
+                if isinstance(v, torch.Tensor):
+                    st = v.untyped_storage()
+                    if st.nbytes() and not self.lo <= st.data_ptr() < self.hi:
+                        seen[st.data_ptr()] = st.nbytes()
+                elif isinstance(v, (list, tuple)):
+                    for e in v:
+                        visit(e)
+
+            visit(list(self.env.values()))
+            visit(out)
+            visit(self.flat)
+            visit(list(self.mover.pending.values()))
+            return sum(seen.values())
+
+        def run_node(self, n):
+            out = super().run_node(n)
+            k = n.meta.get("autotm_kernel") if n.op == "call_function" else None
+            if k is not None:
+                self.fast[k] = max(self.fast[k], self._live(out))
+            return out
+
+    return Probe
+
+
+@pytest.mark.parametrize("formulation", ["synchronous", "asynchronous"])
+def test_rewritten_cuda_plan_holds_what_the_plan_counts(formulation: str) -> None:
+    """A CUDA plan's rewritten step, run on the CPU with the CUDA mover's lifetimes, holds at
+    every compute kernel exactly the fast bytes the plan counts there, seen through
+    StepInterpreter (which frees values as the generated code does). A plain fx.Interpreter
+    keeps values nothing uses (views of storages that moved) and sees more."""
+    import dataclasses
+
+    from torch import fx
+
+    from autotm_py.graph.capture import StepSpec, initial_state, step_arguments
+    from autotm_py.profiler.tiers import open_slow_tier
+    from autotm_py.runtime.rewrite import insert_moves
+    from autotm_py.runtime.step import StepInterpreter, _slow_bytes
+
+    from .bruteforce import make_profile
+
+    entry = zoo.get("resnet50")
+    model, (x,), y = zoo.workload("resnet50", 2, device="cpu")
+    graph = capture(model, (x,), y, lr=entry.lr, device="cpu")
+    on_cuda = dataclasses.replace(graph, device="cuda")
+    prof = make_profile(on_cuda, "cuda", seed=0, read_bw=2e10, write_bw=2e10, async_factor=0.9)
+    prof = dataclasses.replace(prof, kernels=tuple(dataclasses.replace(c, times={0: c.times[0] * 1e-3})
+                                                   for c in prof.kernels))
+    plan = optimize(on_cuda, prof, formulation=formulation, limit_bytes=graph.peak_live_bytes // 2, time_limit=60)
+    assert plan.moves and (formulation == "synchronous" or any(m.kind == "async" for m in plan.moves))
+    compute = [k.index for k in graph.kernels if not k.view]
+    seen = {}
+    for base in (StepInterpreter, fx.Interpreter):
+        arena = SlowArena(open_slow_tier("model"), _slow_bytes(graph, plan))
+        mover = _HoldingMover(arena)
+        module, _ = insert_moves(graph.module, on_cuda, plan, mover)
+        params = [p for p in model.parameters() if p.requires_grad]
+        flat = step_arguments(model, initial_state(StepSpec(loss="cross_entropy", optimizer="sgd", lr=entry.lr),
+                                                   params), (x,), y)
+        mover.begin_step()
+        probe = _fast_bytes_probe(base)(module, mover, arena._block, flat, len(graph.kernels))
+        with torch.no_grad():
+            probe.run(*flat)
+        seen[base] = [probe.fast[k] - plan.fast_bytes[k] for k in compute]
+        arena.close()
+    assert seen[StepInterpreter] == [0] * len(compute)
+    assert max(seen[fx.Interpreter]) > 0

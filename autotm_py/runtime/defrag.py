@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from .step import PlannedStep, RunError, run_with_probe
+from .step import PlannedStep, RunError, StepInterpreter, run_with_probe
 
 WINDOW = 10  # kernels on each side of an offending one whose limit is lowered (as the original)
 MIN_CUT, MAX_CUT = 0.02, 0.10  # each repair lowers a window's limit by 2% to 10%
@@ -35,7 +35,7 @@ class MemoryTrace:
     retries: np.ndarray | None = None
 
 
-class _PeakProbe(fx.Interpreter):
+class _PeakProbe(StepInterpreter):
     """Runs the rewritten step node by node and records the allocator's peak around each kernel.
     The peak counter is reset before a kernel, so it starts at what is allocated then (the
     tensors live across it, including copies the moves before it made)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..graph.capture import StepSpec, capture, initial_state, optimizer_state_names, step_arguments
 from ..graph.types import Graph
@@ -178,6 +178,21 @@ class PlannedStep:
     def close(self) -> None:
         if isinstance(self._mover, CpuMover):
             self._mover.arena.close()
+
+
+class StepInterpreter(fx.Interpreter):
+    """An fx.Interpreter that frees values when the step's generated code does. Both free a
+    value after its last user, but a value no node uses the generated code frees at once,
+    where fx.Interpreter keeps it to the end of the run. A rewritten step has many (a view
+    of a storage whose readers now read another version): kept, each holds its whole storage,
+    and a probe measures memory the step never holds (on CPU, up to 46 MiB more than the plan
+    of ResNet-50 batch 2 at half its peak, where the generated code holds exactly the plan)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        for n in self.graph.nodes:
+            if not n.users and n.op not in ("placeholder", "output"):
+                self.user_to_last_uses.setdefault(n, []).append(n)
 
 
 def run_with_probe(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.Tensor,

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import fx
 
-from .step import PlannedStep, RunError, run_with_probe
+from .step import PlannedStep, RunError, StepInterpreter, run_with_probe
 
 
-class _EventProbe(fx.Interpreter):
+class _EventProbe(StepInterpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
