@@ -223,8 +223,9 @@ def _fast_bytes_probe(base: type):
     return Probe
 
 
-@pytest.mark.parametrize("formulation", ["synchronous", "asynchronous"])
-def test_rewritten_cuda_plan_holds_what_the_plan_counts(formulation: str) -> None:
+@pytest.mark.parametrize("name,batch,share,formulation", [
+    ("resnet50", 2, 0.5, "synchronous"), ("resnet50", 2, 0.5, "asynchronous"), ("densenet201", 1, 0.3, "asynchronous")])
+def test_rewritten_cuda_plan_holds_what_the_plan_counts(name: str, batch: int, share: float, formulation: str) -> None:
     """A CUDA plan's rewritten step, run on the CPU with the CUDA mover's lifetimes, holds at
     every compute kernel exactly the fast bytes the plan counts there, seen through
     StepInterpreter (which frees values as the generated code does). A plain fx.Interpreter
@@ -240,14 +241,14 @@ def test_rewritten_cuda_plan_holds_what_the_plan_counts(formulation: str) -> Non
 
     from .bruteforce import make_profile
 
-    entry = zoo.get("resnet50")
-    model, (x,), y = zoo.workload("resnet50", 2, device="cpu")
+    entry = zoo.get(name)
+    model, (x,), y = zoo.workload(name, batch, device="cpu")
     graph = capture(model, (x,), y, lr=entry.lr, device="cpu")
     on_cuda = dataclasses.replace(graph, device="cuda")
     prof = make_profile(on_cuda, "cuda", seed=0, read_bw=2e10, write_bw=2e10, async_factor=0.9)
     prof = dataclasses.replace(prof, kernels=tuple(dataclasses.replace(c, times={0: c.times[0] * 1e-3})
                                                    for c in prof.kernels))
-    plan = optimize(on_cuda, prof, formulation=formulation, limit_bytes=graph.peak_live_bytes // 2, time_limit=60)
+    plan = optimize(on_cuda, prof, formulation=formulation, limit_bytes=int(graph.peak_live_bytes * share), time_limit=120)
     assert plan.moves and (formulation == "synchronous" or any(m.kind == "async" for m in plan.moves))
     compute = [k.index for k in graph.kernels if not k.view]
     seen = {}
