@@ -118,7 +118,11 @@ def test_zoo_workloads_on_a_pmem_file_tier(name: str, batch: int, steps: int, tm
     entry = zoo.get(name)
     model, (x,), y = zoo.workload(name, batch, device="cpu")
     graph = capture(model, (x,), y, lr=entry.lr)
-    prof = profile(graph, progress=False)  # costs from the shipped CPU profile (modeled tier)
+    # Estimated costs: the numerics are the point. The shipped profile would match only the
+    # machine it was taken on; elsewhere this test profiled (minutes) into the tracked file.
+    from autotm_py.optimizer.roofline import roofline_profile
+
+    prof = roofline_profile(graph)
     reference = copy.deepcopy(model)
     base = unplanned_step(reference, spec_from_optimizer(None, entry.lr, "cross_entropy"), (x,), y)
     losses = []
