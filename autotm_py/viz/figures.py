@@ -310,7 +310,7 @@ def error_figure(records: Iterable[RunRecord]) -> Figure:
 # ---- Figure 12's counterpart: the GPU comparison -------------------------------------------
 def gpu_figure(report: Mapping[str, Any]) -> Figure:
     """Step time per method per case (unconstrained first), with the transfer lower bound as a
-    dashed line over each case's bars; methods that did not run are named under the axis."""
+    dashed line over each case's bars; methods without a time (out of memory, not applicable) are named under the axis."""
     cases = report["cases"]
     methods: list[str] = ["unconstrained"]
     for c in cases:
@@ -350,6 +350,6 @@ def gpu_figure(report: Mapping[str, Any]) -> Figure:
     ax.set_title(f"GPU comparison under a memory cap ({report.get('device', 'GPU')})")
     ax.legend(fontsize=7)
     if missing:
-        fig.text(0.01, -0.02, "not run: " + "; ".join(missing), fontsize=7, va="top", wrap=True)
+        fig.text(0.01, -0.02, "no time: " + "; ".join(missing), fontsize=7, va="top", wrap=True)
     fig.tight_layout()
     return fig
