@@ -14,6 +14,7 @@ time, predicted, the kernels' sum measured against predicted, and the kernels fu
 their prediction.
 
     python benchmarks/kernel_times.py --case vgg19:256:0.5 --cudnn-benchmark
+    python benchmarks/kernel_times.py --case vgg19:256:14.85GiB --plans choice,uncapped
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from autotm_py.bench.gpu import parse_case  # noqa: E402
 from autotm_py.bench.peers import _eager, _measure, _reset  # noqa: E402
 from autotm_py.graph import capture, zoo  # noqa: E402
 from autotm_py.optimizer import optimize  # noqa: E402
@@ -42,16 +44,18 @@ from autotm_py.runtime.step import SEARCH_STEPS  # noqa: E402
 
 def run_plan(args: argparse.Namespace, label: str) -> dict:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    name, batch, frac = args.case.split(":")
+    case = parse_case(args.case)
+    name, batch = case.model, case.batch
     entry = zoo.get(name)
-    model, (x,), y = zoo.workload(name, int(batch), device="cuda")
+    model, (x,), y = zoo.workload(name, batch, device="cuda")
     total = torch.cuda.get_device_properties(0).total_memory
     cap = total if label == "nomoves" else args.cap
     run_cap = None if label in ("nomoves", "uncapped") else args.cap / total
-    graph = capture(model, (x,), y, lr=entry.lr, device="cuda", name=name, batch=int(batch))
+    graph = capture(model, (x,), y, lr=entry.lr, device="cuda", name=name, batch=batch)
     measured = profile(graph, device="cuda", progress=False, cudnn_benchmark=args.cudnn_benchmark)
     prof = measured if label != "fitting" else dataclasses.replace(measured, kernels=tuple(
-        dataclasses.replace(c, time_without_workspace=None, room_without_workspace=0) for c in measured.kernels))
+        dataclasses.replace(c, time_without_workspace=None, room_without_workspace=0, partial_workspace=())
+        for c in measured.kernels))
     plan = optimize(graph, prof, formulation=args.formulation, limit_bytes=cap, time_limit=args.time_limit)
     step = compile_plan(plan, model, lr=entry.lr, search_steps=args.search_steps)
     st, secs, pk, retries = _measure(lambda: step(x, y), args.steps, x.device, run_cap)
@@ -120,7 +124,7 @@ def main() -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", default="vgg19:256:0.5", help="MODEL:BATCH:CAP_FRACTION")
+    ap.add_argument("--case", default="vgg19:256:0.5", help="MODEL:BATCH:CAP, CAP 0.5 or 14.85GiB")
     ap.add_argument("--formulation", default="asynchronous")
     ap.add_argument("--plans", default="choice,fitting", help="any of choice, fitting, uncapped, nomoves")
     ap.add_argument("--steps", type=int, default=3)
@@ -131,15 +135,18 @@ def main() -> None:
                     help="planned calls in which cuDNN may search algorithms (runtime.compile)")
     ap.add_argument("--out", default=None, help="write the per-kernel table as JSON here")
     args = ap.parse_args()
+    try:
+        case = parse_case(args.case)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if not torch.cuda.is_available():
         raise SystemExit("kernel_times needs a CUDA device")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    name, batch, frac = args.case.split(":")
-    entry = zoo.get(name)
-    model, (x,), y = zoo.workload(name, int(batch), device="cuda")
+    entry = zoo.get(case.model)
+    model, (x,), y = zoo.workload(case.model, case.batch, device="cuda")
     opt = torch.optim.SGD(model.parameters(), lr=entry.lr)
     status, t_u, peak, _ = _measure(_eager(model, opt, x, y, "plain"), args.steps, x.device, None)
-    args.cap = int(float(frac) * peak)
+    args.cap = case.cap_bytes if case.cap_bytes is not None else int(case.cap_fraction * peak)
     del model, opt, x, y
     _reset(None)
     print(f"{args.case}: unconstrained {t_u:.3f} s, peak {peak / 2**30:.2f} GiB, cap {args.cap / 2**30:.2f} GiB",

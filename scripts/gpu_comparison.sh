@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # The GPU comparison on one CUDA machine, cheapest first: the CUDA tests, the comparison's cases
 # (profiling whatever the kernel cache lacks for this GPU; each autotm plan in a fresh process),
-# then a training step larger than the GPU. Results go to $OUT_DIR (default results/gpu-run/).
+# VGG19's planned step kernel by kernel against the profile, then a training step larger than
+# the GPU. Results go to $OUT_DIR (default results/gpu-run/).
 #
 #   bash scripts/gpu_comparison.sh
 #   CASES="vgg19:256:14.85GiB" OVERSIZED= SKIP_TESTS=1 bash scripts/gpu_comparison.sh
+#   CASES= KERNEL_TIMES= bash scripts/gpu_comparison.sh      # tests and the larger step only
 #
 # CASES: MODEL:BATCH:CAP words (CAP a fraction of the unconstrained peak or a size in GiB);
 # default the reference measurements' caps. OVERSIZED: MODEL:BATCH:BUDGET_GIB; default VGG19
 # at batch 2048 under 132 GiB on a GPU of more than 100 GiB, else batch 1024 under 74 GiB.
+# KERNEL_TIMES: MODEL:BATCH:CAP words for benchmarks/kernel_times.py; default VGG19 at 14.85 GiB,
+# the case whose prediction misses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=${OUT_DIR:-results/gpu-run}
-CASES=${CASES:-"vgg19:256:14.85GiB resnet152:256:9.82GiB densenet201:128:5.2GiB densenet201:128:13GiB resnet152:256:24.55GiB"}
+CASES=${CASES-"vgg19:256:14.85GiB resnet152:256:9.82GiB densenet201:128:5.2GiB densenet201:128:13GiB resnet152:256:24.55GiB"}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 mkdir -p "$OUT"
 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "this script needs a CUDA device")'
@@ -34,6 +38,11 @@ if [ -n "$CASES" ]; then
   for c in $CASES; do args+=(--case "$c"); done
   "$PY" -m autotm_py bench gpu "${args[@]}" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" --results "$OUT"
 fi
+for k in ${KERNEL_TIMES-vgg19:256:14.85GiB}; do
+  echo "== kernel by kernel: $k"
+  "$PY" benchmarks/kernel_times.py --case "$k" --plans choice,uncapped --steps "${STEPS:-3}" \
+      --time-limit "${TIME_LIMIT:-30}" --out "$OUT/kernel_times_${k//:/_}.json"
+done
 for o in $OVERSIZED; do
   echo "== larger than the budget: $o"
   "$PY" benchmarks/gpu_peers.py --oversized "$o" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" \

@@ -284,7 +284,11 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
         if status == "ok" and peak <= cap and not where:
             break  # retries the trace cannot place: keep what ran
         attempts[-1]["lowered_at"] = where[:50]
-        log(f"  lowered the limit around {len(where)} kernel(s)" if where else "  lowered the limit everywhere")
+        attempts[-1]["lowered_everywhere"] = repeated or not where
+        if repeated and where:
+            log(f"  out of memory again (kernel {where[0]}): lowered the limit everywhere")
+        else:
+            log(f"  lowered the limit around {len(where)} kernel(s)" if where else "  lowered the limit everywhere")
         del step
     if best is not None:
         return dataclasses.replace(best, extra=dict(best.extra, attempts=attempts))
