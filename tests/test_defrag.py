@@ -11,7 +11,7 @@ from torch import fx
 from autotm_py.optimizer import optimize
 from autotm_py.runtime import compile as compile_plan
 from autotm_py.runtime.defrag import (MAX_CUT, MIN_CUT, MemoryTrace, kernel_memory_trace, lowered_limits,
-                                      offending_kernels, repair_limits)
+                                      offending_kernels, oom_request_bytes, repair_limits)
 from autotm_py.runtime.step import RunError
 
 from .test_runtime import small  # noqa: F401 - the shared tiny CNN, its graph and profile
@@ -90,6 +90,27 @@ def test_offending_kernels_from_a_trace() -> None:
     k, worst = offending_kernels(MemoryTrace(np.array([90, 95, 70, 0]), 3), lim)
     assert k.tolist() == [3] and worst == pytest.approx(1 + 2 * MAX_CUT)
     assert MIN_CUT < MAX_CUT
+    # the failed allocation needed 101 of kernel 3's 100: a cut of 1% + MIN_CUT covers it
+    k, worst = offending_kernels(MemoryTrace(np.array([90, 95, 70, 0]), 3, failed_need=101), lim)
+    assert k.tolist() == [3] and worst == pytest.approx(1 + 2 * (0.01 + MIN_CUT))
+    cut = lowered_limits(np.full(4, 10_000), k, worst, window=0)
+    assert cut.tolist() == [10_000, 10_000, 10_000, 10_000 - 100 - int(MIN_CUT * 10_000)]
+    # a measured peak over the limit elsewhere still counts when it is worse
+    k, worst = offending_kernels(MemoryTrace(np.array([90, 130, 70, 0]), 3, failed_need=101), lim)
+    assert k.tolist() == [1, 3] and worst == pytest.approx(1.3)
+    # a repeated failure cuts the whole step by the largest cut, whatever the trace measured
+    again = repair_limits(np.full(4, 1000), np.array([3]), 1 + 2 * (0.01 + MIN_CUT), repeated=True)
+    assert again.tolist() == [int(1000 * (1 - MAX_CUT))] * 4
+
+
+def test_oom_request_size_from_the_allocator_message() -> None:
+    msg = ("CUDA out of memory. Tried to allocate 44.00 MiB. GPU 0 has a total capacity of 139.80 GiB "
+           "of which 132.83 GiB is free.")
+    assert oom_request_bytes(msg) == 44 << 20
+    assert oom_request_bytes("Tried to allocate 1.50 GiB. GPU 0") == 3 << 29
+    assert oom_request_bytes("Tried to allocate 512 bytes.") == 512
+    assert oom_request_bytes("Tried to allocate 2.00 KiB.") == 2048
+    assert oom_request_bytes("CUDA error: an illegal memory access") is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -111,3 +132,20 @@ def test_cuda_trace_peak_matches_the_allocator() -> None:
     trace = kernel_memory_trace(step, x, y)
     assert trace.failed_kernel is None
     assert abs(int(trace.peaks.max()) - whole) <= 0.02 * whole
+
+
+def _fails_to_allocate(x: torch.Tensor) -> torch.Tensor:
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB. GPU 0 has a total capacity of 1 GiB")
+
+
+def test_probe_measures_what_the_failed_allocation_needed() -> None:
+    from autotm_py.runtime.defrag import _PeakProbe
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(_fails_to_allocate, (g.call_function(torch.neg, (x,)),)))
+    probe = _PeakProbe(fx.GraphModule(torch.nn.Module(), g), 1)
+    with pytest.raises(torch.OutOfMemoryError):
+        probe.run(torch.ones(3))
+    # what the allocator holds (nothing, on a machine without CUDA) plus the request
+    assert probe.failed_need == torch.cuda.memory_reserved() + (2 << 20)

@@ -280,7 +280,9 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
                 break
         per_kernel = np.broadcast_to(np.asarray(limit, dtype=np.int64), (len(graph.kernels),))
         repeated = len(attempts) > 1 and attempts[-2]["status"] == "out of memory" and status == "out of memory"
-        limit, where = _repaired(step, x, y, per_kernel, cap, total, peak, status, repeated)
+        limit, where, need = _repaired(step, x, y, per_kernel, cap, total, peak, status, repeated)
+        if need is not None:
+            attempts[-1]["failed_need"] = need
         if status == "ok" and peak <= cap and not where:
             break  # retries the trace cannot place: keep what ran
         attempts[-1]["lowered_at"] = where[:50]
@@ -299,11 +301,12 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
 
 
 def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, cap: int, total: int,
-              peak: int, status: str, repeated: bool = False) -> tuple[np.ndarray, list[int]]:
+              peak: int, status: str, repeated: bool = False) -> tuple[np.ndarray, list[int], int | None]:
     """(lowered per-kernel limits, the kernels that went over the cap, or for a step that fitted,
-    those where the allocator had to free its cache). A step that went over between kernels,
-    or whose trace failed otherwise, gets its limit lowered everywhere; so does one that ran
-    out of memory again after an earlier repair (`repeated`, see defrag.repair_limits)."""
+    those where the allocator had to free its cache; the device memory a failed allocation
+    needed, where the trace measured it). A step that went over between kernels, or whose
+    trace failed otherwise, gets its limit lowered everywhere; so does one that ran out of
+    memory again after an earlier repair (`repeated`, see defrag.repair_limits)."""
     _reset(cap / total)
     try:
         trace = kernel_memory_trace(step, x, y)
@@ -315,11 +318,11 @@ def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, c
         offending, worst = offending_kernels(trace, np.full(len(limits), cap))
         if status == "ok" and peak <= cap:  # it fitted, with allocator retries
             where = retry_kernels(trace)
-            return lowered_limits(limits, where, RETRY_RATIO), where.tolist()
+            return lowered_limits(limits, where, RETRY_RATIO), where.tolist(), None
         if len(offending):
-            return repair_limits(limits, offending, worst, repeated), offending.tolist()
+            return repair_limits(limits, offending, worst, repeated), offending.tolist(), trace.failed_need
     overshoot = (peak / cap - 1) if status == "ok" else 2 * MAX_CUT
-    return lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), []
+    return lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), [], None
 
 
 def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: int | None = None,

@@ -11,6 +11,7 @@ whole step (`repair_limits`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -33,6 +34,21 @@ class MemoryTrace:
     # (K,) times the caching allocator had to free its cache to serve the kernel (a device-wide
     # synchronization each: the step fits, but only just)
     retries: np.ndarray | None = None
+    # device memory the failed allocation would have needed: what the allocator still held
+    # after freeing its cache, plus the request (None where no allocation failed, or its size
+    # is not known)
+    failed_need: int | None = None
+
+
+_OOM_REQUEST = re.compile(r"Tried to allocate ([0-9.]+) (bytes|KiB|MiB|GiB)")
+_UNIT = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def oom_request_bytes(message: str) -> int | None:
+    """The size of the allocation an out-of-memory error of the caching allocator reports
+    ('Tried to allocate 44.00 MiB'), or None."""
+    m = _OOM_REQUEST.search(message)
+    return None if m is None else int(float(m.group(1)) * _UNIT[m.group(2)])
 
 
 class _PeakProbe(StepInterpreter):
@@ -45,8 +61,19 @@ class _PeakProbe(StepInterpreter):
         self.peaks = np.zeros(num_kernels, dtype=np.int64)
         self.retries = np.zeros(num_kernels, dtype=np.int64)
         self.current: int | None = None
+        self.failed_need: int | None = None
 
     def run_node(self, n: fx.Node) -> Any:
+        try:
+            return self._run_node(n)
+        except torch.OutOfMemoryError as exc:
+            # measured here, while every tensor the step holds is still referenced
+            request = oom_request_bytes(str(exc))
+            if request is not None:
+                self.failed_need = torch.cuda.memory_reserved() + request
+            raise
+
+    def _run_node(self, n: fx.Node) -> Any:
         k = n.meta.get("autotm_kernel") if n.op == "call_function" else None
         if k is None:
             return super().run_node(n)
@@ -67,19 +94,31 @@ def kernel_memory_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torc
         raise RunError("a memory trace needs a CUDA plan: on the CPU the allocator does not count tiers")
     probe, err = run_with_probe(step, inputs, target, lambda gm: _PeakProbe(gm, len(step.plan.kernel_masks)),
                                 catch=(torch.OutOfMemoryError,))
-    return MemoryTrace(probe.peaks.copy(), probe.current if err is not None else None, probe.retries.copy())
+    failed = err is not None
+    return MemoryTrace(probe.peaks.copy(), probe.current if failed else None, probe.retries.copy(),
+                       probe.failed_need if failed else None)
 
 
 def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarray, float]:
     """(kernels whose measured memory went over their limit, the worst measured/limit ratio).
-    A kernel that ran out of memory is offending; its overshoot is unknown, so it counts as
-    twice the largest cut (the cut is half the overshoot)."""
+    A kernel that ran out of memory is offending. Where the trace knows what its failed
+    allocation needed, its ratio is set so that the cut (half the ratio's excess) covers the
+    whole shortfall plus MIN_CUT: that allocation must fit next time. Where it does not, the
+    overshoot is unknown and counts as twice the largest cut. On an H200 the first plans of
+    ResNet152 and DenseNet201 ran out of memory at one kernel each, having allocated at most
+    66 MB to 600 MB less than the cap, and got the largest cut (10%: 2.5 GiB more to move at
+    a 24.55 GiB cap) for a shortfall of unknown size."""
     lim = np.maximum(np.asarray(limits, dtype=np.int64), 1)
     over = trace.peaks > lim
     ratio = float((trace.peaks / lim).max()) if len(lim) else 0.0
     if trace.failed_kernel is not None:
-        over[trace.failed_kernel] = True
-        ratio = max(ratio, 1 + 2 * MAX_CUT)
+        f = trace.failed_kernel
+        over[f] = True
+        if trace.failed_need is None:
+            ratio = max(ratio, 1 + 2 * MAX_CUT)
+        else:
+            short = max(trace.failed_need / lim[f] - 1, 0.0)
+            ratio = max(ratio, 1 + 2 * (short + MIN_CUT))
     return np.flatnonzero(over), ratio
 
 
@@ -112,7 +151,9 @@ def repair_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float,
     cuts windows around those kernels; a `repeated` one (the plan solved after an earlier cut
     ran out of memory again) cuts every kernel. On an H200 (DenseNet-201 batch 128 under 5.2 GiB,
     asynchronous plans) window cuts moved the failure along the step, kernel 726, then 1028,
-    1061 and 1093, each past the window cut before it, until the retries ran out."""
+    1061 and 1093, each past the window cut before it, until the retries ran out. A repeated
+    cut is the largest (MAX_CUT) whatever the trace measured: the first cut's reading was not
+    the whole story."""
     if repeated:
-        return lowered_limits(limits, np.arange(len(limits)), worst_ratio, window=0)
+        return lowered_limits(limits, np.arange(len(limits)), max(worst_ratio, 1 + 2 * MAX_CUT), window=0)
     return lowered_limits(limits, offending, worst_ratio)
