@@ -111,20 +111,30 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _measure(step: Callable[[], Any], steps: int, device: torch.device,
-             cap: float | None) -> tuple[str, float, int, int]:
+             cap: float | None, errors: list[str] | None = None) -> tuple[str, float, int, int]:
     """(status, median step seconds, peak bytes, allocator retries) of `step` under a memory
     fraction. A retry is the caching allocator freeing its cache to satisfy a request: a
-    device-wide synchronization, the cost of fragmentation under a cap."""
+    device-wide synchronization, the cost of fragmentation under a cap. The first line of an
+    error that ended the run goes to `errors`, where given, with the step it ended (1 is the
+    first warm-up step)."""
+    ran = [0]
+
+    def counted() -> Any:
+        ran[0] += 1
+        return step()
+
     _reset(cap)
     try:
         for _ in range(SEARCH_STEPS):  # warm-up: cuDNN's algorithm search under the cap retries by design
-            step()
+            counted()
         torch.cuda.synchronize()
         before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
-        times = time_steps(step, steps, device, warmup=0)
+        times = time_steps(counted, steps, device, warmup=0)
         peak = torch.cuda.max_memory_allocated()
         return "ok", median(times), peak, torch.cuda.memory_stats().get("num_alloc_retries", 0) - before
     except Exception as exc:  # noqa: BLE001 - out-of-memory is a result here, not a crash
+        if errors is not None:
+            errors.append(f"step {ran[0]}: " + (str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__))
         if _is_oom(exc):
             return "out of memory", math.nan, torch.cuda.max_memory_allocated(), 0
         return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", math.nan, 0, 0
@@ -250,10 +260,14 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
             break
         solve = time.perf_counter() - t0
         step = compile_plan(plan, model, lr=lr)
-        status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total)
+        errors: list[str] = []
+        status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total, errors)
         stats = step.move_stats
         attempts.append({"limit": lowest, "status": status, "peak": peak, "solve_seconds": solve,
-                         "gap": plan.solver.gap, "solver_status": plan.solver.status})
+                         "gap": plan.solver.gap, "solver_status": plan.solver.status,
+                         "predicted_seconds": plan.predicted_seconds})
+        if errors:
+            attempts[-1]["error"] = errors[0]
         log(f"  autotm {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB -> {status}, "
             f"{secs:.3f} s, peak {peak / 2**30:.2f} GiB, {retries} allocator retries "
             f"(solve {solve:.1f} s, gap {plan.solver.gap:.3%})")
