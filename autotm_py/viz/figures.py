@@ -310,7 +310,8 @@ def error_figure(records: Iterable[RunRecord]) -> Figure:
 # ---- Figure 12's counterpart: the GPU comparison -------------------------------------------
 def gpu_figure(report: Mapping[str, Any]) -> Figure:
     """Step time per method per case (unconstrained first), with the transfer lower bound as a
-    dashed line over each case's bars; methods without a time (out of memory, not applicable) are named under the axis."""
+    dashed line over each case's bars; methods without a time (out of memory, not applicable)
+    are named under the axis."""
     cases = report["cases"]
     methods: list[str] = ["unconstrained"]
     for c in cases:
