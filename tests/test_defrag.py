@@ -130,8 +130,22 @@ def test_cuda_trace_peak_matches_the_allocator() -> None:
     torch.cuda.synchronize()
     whole = torch.cuda.max_memory_allocated()
     trace = kernel_memory_trace(step, x, y)
-    assert trace.failed_kernel is None
+    assert trace.failed_kernel is None and trace.failed_need is None
     assert abs(int(trace.peaks.max()) - whole) <= 0.02 * whole
+    # under a cap of half the plan's peak the step runs out of memory: the trace names the
+    # kernel, and what the failed allocation needed is about the cap or more (the allocator
+    # maps memory in pages of up to 20 MiB, so a request a little smaller than the room left
+    # can fail)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(whole / 2 / total)
+    try:
+        failed = kernel_memory_trace(step, x, y)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert failed.failed_kernel is not None
+    assert failed.failed_need is not None and failed.failed_need > 0.9 * whole / 2
 
 
 def _fails_to_allocate(x: torch.Tensor) -> torch.Tensor:
