@@ -163,3 +163,21 @@ def test_probe_measures_what_the_failed_allocation_needed() -> None:
         probe.run(torch.ones(3))
     # what the allocator holds (nothing, on a machine without CUDA) plus the request
     assert probe.failed_need == torch.cuda.memory_reserved() + (2 << 20)
+
+
+def test_excess_over_the_plan_per_kernel(small) -> None:  # noqa: F811
+    from autotm_py.runtime.defrag import excess_over_plan
+
+    model, x, y, graph, prof, cache = small
+    plan = optimize(graph, prof, formulation="synchronous", limit_bytes=int(graph.peak_live_bytes * 0.6))
+    held = np.asarray(plan.fast_bytes, dtype=np.int64)
+    if plan.workspace is not None:
+        held = held + np.asarray(plan.workspace, dtype=np.int64)
+    peaks = held.copy()
+    peaks[3] += 4096  # a kernel that held 4 KiB more than the plan
+    peaks[5] -= 512  # one that held less
+    peaks[-1] = 0  # one that did not run (the step failed before it)
+    excess = excess_over_plan(MemoryTrace(peaks, len(peaks) - 1), plan)
+    expected = np.zeros(len(peaks), dtype=np.int64)
+    expected[3], expected[5] = 4096, -512
+    assert excess.tolist() == expected.tolist()

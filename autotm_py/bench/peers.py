@@ -34,8 +34,8 @@ from torch import nn
 from ..graph import capture, zoo
 from ..optimizer import Infeasible, optimize
 from ..runtime import compile as compile_plan
-from ..runtime.defrag import (MAX_CUT, kernel_memory_trace, lowered_limits, offending_kernels, repair_limits,
-                              retry_kernels)
+from ..runtime.defrag import (MAX_CUT, MemoryTrace, excess_over_plan, kernel_memory_trace, lowered_limits,
+                              offending_kernels, repair_limits, retry_kernels)
 from ..runtime.step import SEARCH_STEPS, median, time_steps
 
 
@@ -294,9 +294,9 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
                 break
         per_kernel = np.broadcast_to(np.asarray(limit, dtype=np.int64), (len(graph.kernels),))
         repeated = len(attempts) > 1 and attempts[-2]["status"] == "out of memory" and status == "out of memory"
-        limit, where, need = _repaired(step, x, y, per_kernel, cap, total, peak, status, repeated)
-        if need is not None:
-            attempts[-1]["failed_need"] = need
+        limit, where, trace = _repaired(step, x, y, per_kernel, cap, total, peak, status, repeated)
+        if trace is not None:
+            attempts[-1].update(_trace_notes(trace, plan, graph))
         if status == "ok" and peak <= cap and not where:
             break  # retries the trace cannot place: keep what ran
         attempts[-1]["lowered_at"] = where[:50]
@@ -315,10 +315,9 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
 
 
 def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, cap: int, total: int,
-              peak: int, status: str, repeated: bool = False) -> tuple[np.ndarray, list[int], int | None]:
+              peak: int, status: str, repeated: bool = False) -> tuple[np.ndarray, list[int], MemoryTrace | None]:
     """(lowered per-kernel limits, the kernels that went over the cap, or for a step that fitted,
-    those where the allocator had to free its cache; the device memory a failed allocation
-    needed, where the trace measured it). A step that went over between kernels, or whose
+    those where the allocator had to free its cache; the memory trace, if one was taken). A step that went over between kernels, or whose
     trace failed otherwise, gets its limit lowered everywhere; so does one that ran out of
     memory again after an earlier repair (`repeated`, see defrag.repair_limits). The traced
     step follows one plain step, so that it finds the allocator's cache as a step before it
@@ -340,11 +339,23 @@ def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, c
         offending, worst = offending_kernels(trace, np.full(len(limits), cap))
         if status == "ok" and peak <= cap:  # it fitted, with allocator retries
             where = retry_kernels(trace)
-            return lowered_limits(limits, where, RETRY_RATIO), where.tolist(), None
+            return lowered_limits(limits, where, RETRY_RATIO), where.tolist(), trace
         if len(offending):
-            return repair_limits(limits, offending, worst, repeated), offending.tolist(), trace.failed_need
+            return repair_limits(limits, offending, worst, repeated), offending.tolist(), trace
     overshoot = (peak / cap - 1) if status == "ok" else 2 * MAX_CUT
-    return lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), [], None
+    return lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), [], trace
+
+
+def _trace_notes(trace: MemoryTrace, plan: Any, graph: Any, top: int = 5) -> dict[str, Any]:
+    """What a repair's trace says, for the report: what a failed allocation needed, and the
+    kernels that held most beyond the plan (defrag.excess_over_plan)."""
+    notes: dict[str, Any] = {}
+    if trace.failed_need is not None:
+        notes["failed_need"] = trace.failed_need
+    excess = excess_over_plan(trace, plan)
+    notes["excess_over_plan"] = [{"kernel": int(k), "op": graph.kernels[k].op, "bytes": int(excess[k])}
+                                 for k in np.argsort(-excess, kind="stable")[:top] if excess[k] > 0]
+    return notes
 
 
 def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: int | None = None,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from ..optimizer.plan import Plan
 from .step import PlannedStep, RunError, StepInterpreter, run_with_probe
 
 WINDOW = 10  # kernels on each side of an offending one whose limit is lowered (as the original)
@@ -120,6 +121,17 @@ def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarra
             short = max(trace.failed_need / lim[f] - 1, 0.0)
             ratio = max(ratio, 1 + 2 * (short + MIN_CUT))
     return np.flatnonzero(over), ratio
+
+
+def excess_over_plan(trace: MemoryTrace, plan: Plan) -> np.ndarray:
+    """Per kernel: bytes the trace measured while it ran beyond what the plan holds there (its
+    fast-memory bytes and the workspace it leaves room for), 0 where the kernel did not run:
+    library workspaces (cuBLAS keeps one per stream), transient buffers, algorithms that
+    took more than their room."""
+    planned = np.asarray(plan.fast_bytes, dtype=np.int64)
+    if plan.workspace is not None:
+        planned = planned + np.asarray(plan.workspace, dtype=np.int64)
+    return np.where(trace.peaks > 0, trace.peaks - planned, 0)
 
 
 def retry_kernels(trace: MemoryTrace) -> np.ndarray:
