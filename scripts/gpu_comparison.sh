@@ -9,8 +9,9 @@
 #   CASES= KERNEL_TIMES= bash scripts/gpu_comparison.sh      # tests and the larger step only
 #
 # CASES: MODEL:BATCH:CAP words (CAP a fraction of the unconstrained peak or a size in GiB);
-# default the reference measurements' caps, those the repairs decide first. OVERSIZED: MODEL:BATCH:BUDGET_GIB; default VGG19
-# at batch 2048 under 132 GiB on a GPU of more than 100 GiB, else batch 1024 under 74 GiB.
+# default the reference measurements' caps, first those whose result the first repair decides.
+# OVERSIZED: MODEL:BATCH:BUDGET_GIB; default VGG19 at batch 2048 under 132 GiB on a GPU of more
+# than 100 GiB, else batch 1024 under 74 GiB.
 # KERNEL_TIMES: MODEL:BATCH:CAP words for benchmarks/kernel_times.py; default VGG19 at 14.85 GiB,
 # the case whose prediction misses.
 set -euo pipefail
