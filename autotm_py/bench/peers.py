@@ -317,9 +317,10 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
 def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, cap: int, total: int,
               peak: int, status: str, repeated: bool = False) -> tuple[np.ndarray, list[int], MemoryTrace | None]:
     """(lowered per-kernel limits, the kernels that went over the cap, or for a step that fitted,
-    those where the allocator had to free its cache; the memory trace, if one was taken). A step that went over between kernels, or whose
-    trace failed otherwise, gets its limit lowered everywhere; so does one that ran out of
-    memory again after an earlier repair (`repeated`, see defrag.repair_limits). The traced
+    those where the allocator had to free its cache; the memory trace, if one was taken). A
+    step that went over between kernels, or whose trace failed otherwise, gets its limit
+    lowered everywhere; so does one that ran out of memory again after an earlier repair
+    (`repeated`, see defrag.repair_limits). The traced
     step follows one plain step, so that it finds the allocator's cache as a step before it
     leaves it, as the measured steps did: on an H200 (DenseNet201 batch 128 under 13 GiB) a plan
     ran out of memory in those steps and its trace, from an empty cache, named no kernel."""

@@ -46,12 +46,12 @@ from .types import Bandwidths, KernelCost, Profile
 
 PRUNE_ABOVE = 6
 NO_WORKSPACE = "noworkspace:dram:0"  # cache key of a CUDA kernel's time without its workspace
+KERNEL_POLICY = TimingPolicy(warmup=1, min_runs=3, min_seconds=0.03, max_runs=200)
 
 
 def partial_key(share: int) -> str:
     """Cache key of a CUDA kernel's time with 1/`share` of its workspace free."""
     return f"room{share}:dram:0"
-KERNEL_POLICY = TimingPolicy(warmup=1, min_runs=3, min_seconds=0.03, max_runs=200)
 
 
 def profile_signature(kernel: Kernel) -> str:
