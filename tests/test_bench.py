@@ -179,3 +179,17 @@ def test_summary_tables(conventional) -> None:
     r = _bench("summary", "--results", str(folder), "--json")
     g = json.loads(r.output)["predicted"]["synchronous"]["1:4"]
     assert g == {"geomean_slowdown": pytest.approx(sync["slowdown"]), "networks": 1}
+
+
+def test_gpu_case_result_round_trips_through_json() -> None:
+    from autotm_py.bench.peers import CaseResult, MethodResult, markdown
+
+    case = CaseResult("resnet152", 256, 0.57, 26360361779, 0.247, 45945372672, 0.083, 0.166, 54.1e9, 55.3e9,
+                      0.725, (MethodResult("autotm asynchronous", "ok", 0.944, 25880058880, 0.879, "1 re-solve(s)",
+                                           {"attempts": [{"limit": 1, "status": "out of memory"}]}),
+                              MethodResult("checkpoint_sequential(4)", "out of memory", peak_bytes=10)))
+    back = CaseResult.from_json(json.loads(json.dumps(case.to_json())))
+    assert back.methods[0] == case.methods[0] and back.lower_bound_seconds == 0.725
+    assert math.isnan(back.methods[1].step_seconds) and back.methods[1].status == "out of memory"
+    table = markdown([back])
+    assert "| | | autotm asynchronous | 0.944 s | 3.82 | 1.30 | 24.1 GiB | 0.879 s (6.9%) | ok; 1 re-solve(s) |" in table

@@ -79,7 +79,7 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
                   "torch": torch.__version__, "cudnn_benchmark": cudnn_benchmark,
                   "cases": [r.to_json() for r in results], "oversized": []}
         path.write_text(json.dumps(report, indent=2, default=str))
-    path.with_suffix(".md").write_text(markdown(results))
+        path.with_suffix(".md").write_text(markdown(results))
     return path
 
 

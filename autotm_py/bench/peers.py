@@ -75,6 +75,11 @@ class CaseResult:
         d["methods"] = [asdict(m) for m in self.methods]
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CaseResult":
+        """The inverse of to_json (JSON writes NaN times as NaN, which reads back as such)."""
+        return cls(**{**d, "methods": tuple(MethodResult(**m) for m in d["methods"])})
+
 
 def as_sequential(model: nn.Module) -> nn.Sequential:
     """The zoo's CNNs as one flat nn.Sequential (same modules, same order), so that
@@ -102,6 +107,10 @@ def _reset(cap_fraction: float | None) -> None:
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    # PyTorch's host cache keeps every pinned block save_on_cpu used; across cases they added
+    # up past the host's memory (on an H200 host of 128 GiB, at the third case of one run)
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()
     torch.cuda.set_per_process_memory_fraction(1.0 if cap_fraction is None else cap_fraction)
     torch.cuda.reset_peak_memory_stats()
 
