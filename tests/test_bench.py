@@ -173,7 +173,7 @@ def test_summary_tables(conventional) -> None:
     assert r.exit_code == 0, r.output
     sync = next(x for x in rows if x["formulation"] == "synchronous" and x["ratio"] == "1:4")
     assert "### Conventional networks" in r.output
-    assert f"| tests.workloads:tiny_mlp 64 | synchronous | x" in r.output
+    assert "| tests.workloads:tiny_mlp 64 | synchronous | x" in r.output
     # the geomean of one network is its own slowdown
     assert f"x{sync['slowdown']:.3f} ({100 * (sync['slowdown'] - 1):.1f}%, 1)" in r.output
     r = _bench("summary", "--results", str(folder), "--json")
@@ -193,3 +193,11 @@ def test_gpu_case_result_round_trips_through_json() -> None:
     assert math.isnan(back.methods[1].step_seconds) and back.methods[1].status == "out of memory"
     table = markdown([back])
     assert "| | | autotm asynchronous | 0.944 s | 3.82 | 1.30 | 24.1 GiB | 0.879 s (6.9%) | ok; 1 re-solve(s) |" in table
+
+
+def test_out_of_memory_streak_counts_the_last_attempts_in_a_row() -> None:
+    from autotm_py.bench.peers import _oom_streak
+
+    oom, ok = {"status": "out of memory"}, {"status": "ok"}
+    assert _oom_streak([oom, ok]) == 0 and _oom_streak([oom]) == 1
+    assert _oom_streak([oom, ok, oom, oom]) == 2 and _oom_streak([]) == 0

@@ -10,8 +10,9 @@ from torch import fx
 
 from autotm_py.optimizer import optimize
 from autotm_py.runtime import compile as compile_plan
-from autotm_py.runtime.defrag import (MAX_CUT, MIN_CUT, MemoryTrace, kernel_memory_trace, lowered_limits,
-                                      offending_kernels, oom_request_bytes, repair_limits)
+from autotm_py.runtime.defrag import (MAX_CUT, MIN_CUT, STEP_MARGIN, MemoryTrace, kernel_memory_trace,
+                                      lowered_limits, measured_shortfall, offending_kernels, oom_request_bytes,
+                                      repair_limits, step_cut)
 from autotm_py.runtime.step import RunError
 
 from .test_runtime import small  # noqa: F401 - the shared tiny CNN, its graph and profile
@@ -69,17 +70,35 @@ def test_lowered_limits_cut_windows_once() -> None:
     assert lowered_limits(lim, np.array([], dtype=np.int64), 2.0).tolist() == lim.tolist()
 
 
-def test_repeated_repair_cuts_the_whole_step() -> None:
-    lim = np.full(40, 1000, dtype=np.int64)
-    lim[30] = 500  # a kernel an earlier repair already lowered
-    # first repair, out of memory at kernel 20 (overshoot unknown: the largest cut), window 10 each side
-    first = repair_limits(lim, np.array([20]), 1 + 2 * MAX_CUT, repeated=False)
-    assert first[10:31].tolist() == [900] * 10 + [900] + [900] * 9 + [450]
-    assert first[:10].tolist() == [1000] * 10 and first[31:].tolist() == [1000] * 9
-    # out of memory again, elsewhere: every kernel is cut, the lowered one once more
-    again = repair_limits(first, np.array([33]), 1 + 2 * MAX_CUT, repeated=True)
-    assert again[:10].tolist() == [900] * 10 and again[10:20].tolist() == [810] * 10
-    assert again[30] == 405 and again[35:].tolist() == [900] * 5
+def test_repair_cuts_windows_then_the_whole_step_by_the_shortfall() -> None:
+    lim = np.full(40, 10_000, dtype=np.int64)
+    lim[30] = 5_000  # a kernel an earlier repair already lowered
+    # out of memory at kernel 20, 0.3% short: its window (kernels 10..30) loses 0.3% + MIN_CUT
+    # (10_000 -> 9_770, 5_000 -> 4_885), then every kernel 0.3% + STEP_MARGIN = 0.8%
+    worst = 1 + 2 * (0.003 + MIN_CUT)
+    first = repair_limits(lim, np.array([20]), worst, 0, 0.003)
+    assert STEP_MARGIN == 0.005 and step_cut(0.003, 0) == pytest.approx(0.008)
+    assert first[:10] == pytest.approx([9_920] * 10, abs=1) and first[31:] == pytest.approx([9_920] * 9, abs=1)
+    assert first[10:30] == pytest.approx([9_691] * 20, abs=1) and first[30] == pytest.approx(4_845, abs=1)
+    # out of memory again, elsewhere, 0.5% short: no window, the whole step by 0.5% + 4 x STEP_MARGIN
+    again = repair_limits(first, np.array([33]), 1 + 2 * (0.005 + MIN_CUT), 1, 0.005)
+    assert again[:10] == pytest.approx([9_672] * 10, abs=1) and again[35:] == pytest.approx([9_672] * 5, abs=1)
+    assert again[10:30] == pytest.approx([9_448] * 20, abs=1) and again[30] == pytest.approx(4_723, abs=1)
+    # a third failure in a row: 0.5% + 16 x STEP_MARGIN; a fourth is held at MAX_CUT
+    assert step_cut(0.005, 2) == pytest.approx(0.085) and step_cut(0.005, 3) == MAX_CUT
+    # shortfall unknown: the window takes the largest cut, the rest of a first repair none
+    blind = repair_limits(lim, np.array([20]), 1 + 2 * MAX_CUT, 0, None)
+    assert blind[10:31].tolist() == [9_000] * 20 + [4_500]
+    assert blind[:10].tolist() == [10_000] * 10 and blind[31:].tolist() == [10_000] * 9
+    # ... and a repeated one cuts every kernel by the largest cut
+    assert repair_limits(blind, np.array([33]), 1.0, 1, None)[:12].tolist() == [9_000] * 10 + [8_100] * 2
+
+
+def test_measured_shortfall() -> None:
+    peaks = np.array([90, 95, 70, 0])
+    assert measured_shortfall(MemoryTrace(peaks, 3, failed_need=101), 100) == pytest.approx(0.01)
+    assert measured_shortfall(MemoryTrace(peaks, 3, failed_need=90), 100) == 0.0
+    assert measured_shortfall(MemoryTrace(peaks, 3), 100) is None
 
 
 def test_offending_kernels_from_a_trace() -> None:
@@ -98,9 +117,6 @@ def test_offending_kernels_from_a_trace() -> None:
     # a measured peak over the limit elsewhere still counts when it is worse
     k, worst = offending_kernels(MemoryTrace(np.array([90, 130, 70, 0]), 3, failed_need=101), lim)
     assert k.tolist() == [1, 3] and worst == pytest.approx(1.3)
-    # a repeated failure cuts the whole step by the largest cut, whatever the trace measured
-    again = repair_limits(np.full(4, 1000), np.array([3]), 1 + 2 * (0.01 + MIN_CUT), repeated=True)
-    assert again.tolist() == [int(1000 * (1 - MAX_CUT))] * 4
 
 
 def test_oom_request_size_from_the_allocator_message() -> None:

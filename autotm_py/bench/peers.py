@@ -35,7 +35,8 @@ from ..graph import capture, zoo
 from ..optimizer import Infeasible, optimize
 from ..runtime import compile as compile_plan
 from ..runtime.defrag import (MAX_CUT, MemoryTrace, excess_over_plan, kernel_memory_trace, lowered_limits,
-                              offending_kernels, repair_limits, retry_kernels)
+                              measured_shortfall, offending_kernels, repair_limits, retry_kernels, step_cut,
+                              window_cut)
 from ..runtime.step import SEARCH_STEPS, median, time_steps
 
 
@@ -302,18 +303,22 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
             if retries == 0 or attempt == max_retries or fitted_repairs >= retry_repairs:
                 break
         per_kernel = np.broadcast_to(np.asarray(limit, dtype=np.int64), (len(graph.kernels),))
-        repeated = len(attempts) > 1 and attempts[-2]["status"] == "out of memory" and status == "out of memory"
-        limit, where, trace = _repaired(step, x, y, per_kernel, cap, total, peak, status, repeated)
-        if trace is not None:
-            attempts[-1].update(_trace_notes(trace, plan, graph))
+        repeats = _oom_streak(attempts) - 1
+        fix = _repaired(step, x, y, per_kernel, cap, total, peak, status, max(repeats, 0))
+        limit, where = fix.limits, fix.where
+        if fix.trace is not None:
+            attempts[-1].update(_trace_notes(fix.trace, plan, graph))
         if status == "ok" and peak <= cap and not where:
             break  # retries the trace cannot place: keep what ran
         attempts[-1]["lowered_at"] = where[:50]
-        attempts[-1]["lowered_everywhere"] = repeated or not where
-        if repeated and where:
-            log(f"  out of memory again (kernel {where[0]}): lowered the limit everywhere")
+        attempts[-1]["step_cut"] = fix.step_cut
+        everywhere = f"the whole step by {fix.step_cut:.2%}"
+        if repeats > 0 and where:
+            log(f"  out of memory again (kernel {where[0]}): lowered {everywhere}")
+        elif where:
+            log(f"  lowered the limit around {len(where)} kernel(s)" + (f" and {everywhere}" if fix.step_cut else ""))
         else:
-            log(f"  lowered the limit around {len(where)} kernel(s)" if where else "  lowered the limit everywhere")
+            log(f"  lowered {everywhere}")
         del step
     if best is not None:
         return dataclasses.replace(best, extra=dict(best.extra, attempts=attempts))
@@ -323,16 +328,34 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
                         f"{len(attempts) - 1} re-solve(s) did not fit", {"attempts": attempts})
 
 
+def _oom_streak(attempts: list[dict[str, Any]]) -> int:
+    """How many of the last attempts in a row ran out of memory."""
+    n = 0
+    for a in reversed(attempts):
+        if a["status"] != "out of memory":
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class _Repair:
+    limits: np.ndarray  # per kernel, for the next solve
+    where: list[int]  # the kernels that went over the cap (or made the allocator retry)
+    trace: MemoryTrace | None  # the memory trace it was worked out from, if one was taken
+    step_cut: float  # the fraction every kernel's limit lost
+
+
 def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, cap: int, total: int,
-              peak: int, status: str, repeated: bool = False) -> tuple[np.ndarray, list[int], MemoryTrace | None]:
-    """(lowered per-kernel limits, the kernels that went over the cap, or for a step that fitted,
-    those where the allocator had to free its cache; the memory trace, if one was taken). A
-    step that went over between kernels, or whose trace failed otherwise, gets its limit
-    lowered everywhere; so does one that ran out of memory again after an earlier repair
-    (`repeated`, see defrag.repair_limits). The traced
-    step follows one plain step, so that it finds the allocator's cache as a step before it
-    leaves it, as the measured steps did: on an H200 (DenseNet201 batch 128 under 13 GiB) a plan
-    ran out of memory in those steps and its trace, from an empty cache, named no kernel."""
+              peak: int, status: str, repeats: int = 0) -> _Repair:
+    """The next solve's limits from a memory trace of `step`. A step that ran out of memory is
+    cut as defrag.repair_limits says (`repeats`: the out-of-memory attempts before it in a row);
+    one that fitted with allocator retries, around the kernels where the allocator had to free
+    its cache. A step that went over between kernels, or whose trace failed otherwise, gets its
+    limit lowered everywhere. The traced step follows one plain step, so that it finds the
+    allocator's cache as a step before it leaves it, as the measured steps did: on an H200
+    (DenseNet201 batch 128 under 13 GiB) a plan ran out of memory in those steps and its
+    trace, from an empty cache, named no kernel."""
     _reset(cap / total)
     try:
         try:
@@ -349,11 +372,14 @@ def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, c
         offending, worst = offending_kernels(trace, np.full(len(limits), cap))
         if status == "ok" and peak <= cap:  # it fitted, with allocator retries
             where = retry_kernels(trace)
-            return lowered_limits(limits, where, RETRY_RATIO), where.tolist(), trace
+            return _Repair(lowered_limits(limits, where, RETRY_RATIO), where.tolist(), trace, 0.0)
         if len(offending):
-            return repair_limits(limits, offending, worst, repeated), offending.tolist(), trace
+            short = measured_shortfall(trace, cap)
+            return _Repair(repair_limits(limits, offending, worst, repeats, short), offending.tolist(), trace,
+                           step_cut(short, repeats))
     overshoot = (peak / cap - 1) if status == "ok" else 2 * MAX_CUT
-    return lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), [], trace
+    return _Repair(lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), [], trace,
+                   window_cut(1 + overshoot))
 
 
 def _trace_notes(trace: MemoryTrace, plan: Any, graph: Any, top: int = 5) -> dict[str, Any]:
