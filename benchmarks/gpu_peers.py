@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action="store_true", help="Let cuDNN benchmark algorithms (all methods).")
     ap.add_argument("--retry-repairs", type=int, default=0,
                     help="re-solves around the kernels where a fitting step made the allocator free its cache")
+    ap.add_argument("--refine-seconds", type=float, default=0.0,
+                    help="asynchronous plans with restricted overlap candidates: seconds more with all of them")
     ap.add_argument("--out", default="benchmarks/results/gpu_peers")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -53,7 +55,8 @@ def main() -> None:
     for c in cases:
         results.append(run_case(c.model, c.batch, c.cap_fraction, cap_bytes=c.cap_bytes, steps=args.steps,
                                 time_limit=args.time_limit, formulations=tuple(args.formulations.split(",")),
-                                cache=args.cache, retry_repairs=args.retry_repairs))
+                                cache=args.cache, retry_repairs=args.retry_repairs,
+                                refine_seconds=args.refine_seconds))
         out.with_suffix(".json").write_text(json.dumps({"cases": [r.to_json() for r in results]}, indent=2))
     for c in args.oversized:
         name, batch, budget = c.split(":")

@@ -14,6 +14,8 @@
 # than 100 GiB, else batch 1024 under 74 GiB.
 # KERNEL_TIMES: MODEL:BATCH:CAP words for benchmarks/kernel_times.py; default VGG19 at 14.85 GiB,
 # the case whose prediction misses.
+# REFINE_SECONDS: the comparison's --refine-seconds (default 120: ResNet152's asynchronous plans
+# are solved with restricted overlap candidates, and refining them predicted 7% less).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -37,7 +39,8 @@ if [ -n "$CASES" ]; then
   echo "== comparison: $CASES"
   args=()
   for c in $CASES; do args+=(--case "$c"); done
-  "$PY" -m autotm_py bench gpu "${args[@]}" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" --results "$OUT"
+  "$PY" -m autotm_py bench gpu "${args[@]}" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" \
+      --refine-seconds "${REFINE_SECONDS:-120}" --results "$OUT"
 fi
 for k in ${KERNEL_TIMES-vgg19:256:14.85GiB}; do
   echo "== kernel by kernel: $k"

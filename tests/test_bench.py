@@ -128,6 +128,7 @@ def test_records_round_trip_and_older_schema(tmp_path) -> None:
     (("gpu", "--case", "vgg19:256:1.5"), "cap in (0, 1]"),
     (("gpu", "--case", "vgg19:256:0GiB"), "positive size"),
     (("gpu", "--case", "vgg19:256:lots"), "a size (14.85GiB)"),
+    (("gpu", "--refine-seconds", "-1"), "--refine-seconds must be 0 or more"),
 ])
 def test_bench_bad_input(args, words) -> None:
     r = _bench(*args)

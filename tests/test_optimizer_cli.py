@@ -70,3 +70,10 @@ def test_async_candidates_option(tmp_path):
                 "--out", str(out), *extra)
         assert r.exit_code == 0, r.output
         assert Plan.load(str(out)).async_candidates == want
+    # refined: the restricted plan solved again with every candidate, never predicted slower
+    out = tmp_path / "refined.json"
+    r = run(W, "--batch", "64", "--ratio", "1:2", "--estimate", "--formulation", "asynchronous",
+            "--async-candidates", "1", "--refine-seconds", "30", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert Plan.load(str(out)).predicted_seconds <= Plan.load(str(tmp_path / "1.json")).predicted_seconds
+    _one_sentence(run(W, "--ratio", "1:4", "--estimate", "--refine-seconds", "-2"), "--refine-seconds")

@@ -245,7 +245,7 @@ def lower_bound(peak: int, cap: int, t_f: float, t_b: float, bandwidth: float) -
 
 def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor,
                formulation: str, cap: int, total: int, steps: int, time_limit: float,
-               max_retries: int = 3, retry_repairs: int = 0,
+               max_retries: int = 3, retry_repairs: int = 0, refine_seconds: float = 0.0,
                log: Callable[[str], None] = print) -> MethodResult:
     """Solve, run, and where the step does not fit under the cap (allocator fragmentation,
     workspaces), trace its memory per kernel, lower the limit around the kernels that went
@@ -255,7 +255,8 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
     that happened, up to that many times; the fastest step that fitted is the result. Off by
     default: on an H200 (VGG19 batch 256 under 14.85 GiB, heuristic cuDNN) three such repairs
     cut the retries from 37 to 8 but made every step slower (0.560 s, then 0.738, 0.696 and
-    0.713 s), the lower limits costing cuDNN its large-workspace algorithms."""
+    0.713 s), the lower limits costing cuDNN its large-workspace algorithms. `refine_seconds`:
+    optimize's, for every solve."""
     limit: Any = cap
     attempts = []
     best: MethodResult | None = None
@@ -263,7 +264,8 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
         lowest = int(np.min(limit))  # per-kernel limits after a repair: report the lowest
         t0 = time.perf_counter()
         try:
-            plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit)
+            plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit,
+                            refine_seconds=refine_seconds)
         except Infeasible as exc:
             attempts.append({"limit": lowest, "status": "infeasible", "reason": str(exc)})
             log(f"  autotm {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB is infeasible")
@@ -398,7 +400,8 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
              steps: int = 5, time_limit: float = 120.0,
              formulations: tuple[str, ...] = ("asynchronous", "synchronous"),
              peers: tuple[str, ...] = ("save_on_cpu", "checkpoint"), cache: Any = None,
-             retry_repairs: int = 0, log: Callable[[str], None] = print) -> CaseResult:
+             retry_repairs: int = 0, refine_seconds: float = 0.0,
+             log: Callable[[str], None] = print) -> CaseResult:
     """One row of the comparison (the model is built once and shared by every method), under
     `cap_bytes` of device memory or, without it, `cap_fraction` of the unconstrained peak."""
     from ..profiler import profile
@@ -436,7 +439,7 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
     methods = []
     for form in formulations:
         methods.append(isolated_autotm_run(name, batch, form, cap, steps, time_limit, cache,
-                                           torch.backends.cudnn.benchmark, retry_repairs))
+                                           torch.backends.cudnn.benchmark, retry_repairs, refine_seconds))
         log(f"  {methods[-1].method}: {methods[-1].status}, {methods[-1].step_seconds:.3f} s, "
             f"predicted {methods[-1].predicted_seconds:.3f} s, peak {methods[-1].peak_bytes / 2**30:.2f} GiB")
     for peer in peers:
@@ -459,7 +462,8 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
 
 
 def isolated_autotm_run(name: str, batch: int, formulation: str, cap: int, steps: int, time_limit: float,
-                        cache: Any, cudnn_benchmark: bool, retry_repairs: int = 0) -> MethodResult:
+                        cache: Any, cudnn_benchmark: bool, retry_repairs: int = 0,
+                        refine_seconds: float = 0.0) -> MethodResult:
     """autotm_run in a fresh process (see the module docstring): the workload is built,
     captured and profiled (from the cache) again there."""
     import multiprocessing
@@ -467,11 +471,13 @@ def isolated_autotm_run(name: str, batch: int, formulation: str, cap: int, steps
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_autotm_child, name, batch, formulation, cap, steps, time_limit,
-                           None if cache is None else str(cache), cudnn_benchmark, retry_repairs).result()
+                           None if cache is None else str(cache), cudnn_benchmark, retry_repairs,
+                           refine_seconds).result()
 
 
 def _autotm_child(name: str, batch: int, formulation: str, cap: int, steps: int, time_limit: float,
-                  cache: str | None, cudnn_benchmark: bool, retry_repairs: int = 0) -> MethodResult:
+                  cache: str | None, cudnn_benchmark: bool, retry_repairs: int = 0,
+                  refine_seconds: float = 0.0) -> MethodResult:
     from ..profiler import profile
 
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -482,7 +488,7 @@ def _autotm_child(name: str, batch: int, formulation: str, cap: int, steps: int,
     graph = capture(model, (x,), y, lr=entry.lr, device=device, name=name, batch=batch)
     prof = profile(graph, device="cuda", cache=cache, progress=False, cudnn_benchmark=cudnn_benchmark)
     return autotm_run(graph, prof, model, entry.lr, x, y, formulation, cap, total, steps, time_limit,
-                      retry_repairs=retry_repairs, log=lambda m: print(m, flush=True))
+                      retry_repairs=retry_repairs, refine_seconds=refine_seconds, log=lambda m: print(m, flush=True))
 
 
 def _predicted(m: MethodResult) -> str:

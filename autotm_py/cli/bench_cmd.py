@@ -243,13 +243,16 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 @click.option("--retry-repairs", type=int, default=0, show_default=True, metavar="N",
               help="Also re-solve up to N times around the kernels where a step that fits made the "
                    "allocator free its cache (a device-wide synchronization).")
+@click.option("--refine-seconds", type=float, default=0.0, show_default=True, metavar="S",
+              help="Asynchronous plans whose overlap candidates were restricted (large graphs): up to S "
+                   "more seconds per solve with every candidate, from the restricted plan.")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR",
               help="The report goes to DIR/gpu/gpu_peers.json (and .md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 @_bench_errors
 def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations: str, cudnn_benchmark: bool,
-            cache: str | None, retry_repairs: int, results: str, as_json: bool) -> None:
+            cache: str | None, retry_repairs: int, refine_seconds: float, results: str, as_json: bool) -> None:
     """The GPU comparison: autotm against save_on_cpu and checkpointing under a memory cap (Figure 12's
     counterpart)."""
     from ..bench.gpu import DEFAULT_CASES, parse_case, run_gpu
@@ -262,9 +265,12 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
         raise UserError(f"--steps must be positive, got {steps}")
     if retry_repairs < 0:
         raise UserError(f"--retry-repairs must be 0 or more, got {retry_repairs}")
+    if refine_seconds < 0:
+        raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
     check_device("cuda")
     path = run_gpu(parsed, Path(results) / "gpu", steps=steps, time_limit=time_limit, formulations=forms,
                    cudnn_benchmark=cudnn_benchmark, cache=cache, retry_repairs=retry_repairs,
+                   refine_seconds=refine_seconds,
                    log=(lambda s: None) if as_json else (lambda s: console.print(s, highlight=False)))
     if as_json:
         click.echo(path.read_text())

@@ -80,6 +80,9 @@ def _summary(plan: Any) -> dict[str, Any]:
                    "last and the N longest kernels of the window may overlap a move; all: every one; "
                    "auto: 2 on large graphs, all on small ones, and on the largest none for the "
                    "smallest tensors (10% of the bytes).")
+@click.option("--refine-seconds", type=float, default=0.0, show_default=True, metavar="S",
+              help="Asynchronous formulation: where auto or N restricted the candidates, up to S more "
+                   "seconds solving with all of them, from the restricted plan; the better plan is kept.")
 @click.option("--move-state", is_flag=True, help="Let parameters, inputs and optimizer state move too.")
 @click.option("--estimate", is_flag=True,
               help="Use a roofline estimate of kernel times instead of profiling (modeled).")
@@ -95,7 +98,7 @@ def _summary(plan: Any) -> dict[str, Any]:
 @_optimizer_errors
 def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | None, budget: str | None,
                  formulation: str, device: str, solver: str, time_limit: float, gap: float,
-                 async_window: int, async_candidates: str, move_state: bool, estimate: bool, slow_tier: str | None,
+                 async_window: int, async_candidates: str, refine_seconds: float, move_state: bool, estimate: bool, slow_tier: str | None,
                  cache: str | None, optimizer: str, check_plan: str | None, as_json: bool,
                  out: str | None) -> None:
     """Decide where every tensor of MODEL's training step lives and when it moves.
@@ -133,6 +136,8 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
     if async_candidates not in ("auto", "all") and not async_candidates.isdigit():
         raise UserError("--async-candidates must be auto, all or a whole number >= 0, "
                         f"got {async_candidates}")
+    if refine_seconds < 0:
+        raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
     candidates: int | str | None = (None if async_candidates == "all" else async_candidates
                                     if async_candidates == "auto" else int(async_candidates))
     check_device(device)
@@ -164,7 +169,7 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
                 console.print(f"[dim]solving {f} ...[/]", highlight=False)
             plan = optimize(graph, prof, formulation=f, limit_bytes=limit_bytes, time_limit=time_limit,
                             mip_gap=gap, solver=solver, async_window=async_window,
-                            async_candidates=candidates, move_state=move_state)
+                            async_candidates=candidates, move_state=move_state, refine_seconds=refine_seconds)
             if ratio is not None:
                 from dataclasses import replace
 
