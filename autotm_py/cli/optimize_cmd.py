@@ -98,7 +98,8 @@ def _summary(plan: Any) -> dict[str, Any]:
 @_optimizer_errors
 def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | None, budget: str | None,
                  formulation: str, device: str, solver: str, time_limit: float, gap: float,
-                 async_window: int, async_candidates: str, refine_seconds: float, move_state: bool, estimate: bool, slow_tier: str | None,
+                 async_window: int, async_candidates: str, refine_seconds: float, move_state: bool,
+                 estimate: bool, slow_tier: str | None,
                  cache: str | None, optimizer: str, check_plan: str | None, as_json: bool,
                  out: str | None) -> None:
     """Decide where every tensor of MODEL's training step lives and when it moves.

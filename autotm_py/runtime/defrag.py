@@ -3,9 +3,10 @@ loop): measure how much device memory is allocated while each kernel of the plan
 lower the fast-memory limit in windows around the kernels that went over it, and solve again.
 
 The plan counts tensor bytes; the caching allocator adds rounding, fragmentation and the
-workspaces the libraries keep. A repair cuts windows around the kernels that went over by more
-than their shortfall, and the whole step by a little more than the measured shortfall, since
-the excess is mostly step-wide (`repair_limits`); a repeated failure cuts the whole step more.
+workspaces the libraries keep. A repair cuts the windows around the kernels that went over by
+the measured shortfall plus MIN_CUT, and the whole step by the shortfall plus STEP_MARGIN,
+since the excess is mostly step-wide; repeated failures cut the whole step more
+(`repair_limits`).
 """
 
 from __future__ import annotations
