@@ -121,11 +121,8 @@ def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarra
     if trace.failed_kernel is not None:
         f = trace.failed_kernel
         over[f] = True
-        if trace.failed_need is None:
-            ratio = max(ratio, 1 + 2 * MAX_CUT)
-        else:
-            short = max(trace.failed_need / lim[f] - 1, 0.0)
-            ratio = max(ratio, 1 + 2 * (short + MIN_CUT))
+        short = measured_shortfall(trace, int(lim[f]))
+        ratio = max(ratio, 1 + 2 * (MAX_CUT if short is None else short + MIN_CUT))
     return np.flatnonzero(over), ratio
 
 
