@@ -244,8 +244,9 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
               help="Also re-solve up to N times around the kernels where a step that fits made the "
                    "allocator free its cache (a device-wide synchronization).")
 @click.option("--refine-seconds", type=float, default=0.0, show_default=True, metavar="S",
-              help="Asynchronous plans whose overlap candidates were restricted (large graphs): up to S "
-                   "more seconds per solve with every candidate, from the restricted plan.")
+              help="Once an asynchronous plan whose overlap candidates were restricted (large graphs) "
+                   "fits, solve it again for up to S seconds with every candidate and run that too; "
+                   "the faster one that fits counts.")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR",
               help="The report goes to DIR/gpu/gpu_peers.json (and .md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
