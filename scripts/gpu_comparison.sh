@@ -14,8 +14,9 @@
 # than 100 GiB, else batch 1024 under 74 GiB.
 # KERNEL_TIMES: MODEL:BATCH:CAP words for benchmarks/kernel_times.py; default VGG19 at 14.85 GiB,
 # the case whose prediction misses.
-# REFINE_SECONDS: the comparison's --refine-seconds (default 120: ResNet152's asynchronous plans
-# are solved with restricted overlap candidates, and refining them predicted 7% less).
+# REFINE_SECONDS: the comparison's --refine-seconds (default 0: on the H200, refining ResNet152's
+# fitted asynchronous plan at 24.55 GiB found nothing better in 140 s, where a proxy solve of a
+# graph captured on a CPU had predicted 7% less).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -40,7 +41,7 @@ if [ -n "$CASES" ]; then
   args=()
   for c in $CASES; do args+=(--case "$c"); done
   "$PY" -m autotm_py bench gpu "${args[@]}" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" \
-      --refine-seconds "${REFINE_SECONDS:-120}" --results "$OUT"
+      --refine-seconds "${REFINE_SECONDS:-0}" --results "$OUT"
 fi
 for k in ${KERNEL_TIMES-vgg19:256:14.85GiB}; do
   echo "== kernel by kernel: $k"

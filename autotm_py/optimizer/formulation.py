@@ -137,7 +137,8 @@ def refine_asynchronous(graph: Graph, profile: Profile, plan: Plan, limit_bytes:
     returned as it is. On graphs captured on a CPU with an H200's kernel times (ResNet152
     batch 256 under 24.5 GiB), the restricted plan predicted 0.799 s and the refined one
     0.742 s after 137 s on 2 cores; under 9.76 GiB, and on DenseNet201 batch 128 under 12.9
-    GiB (704k columns), 150 s found nothing better (1.363 s, 0.506 s)."""
+    GiB (704k columns), 150 s found nothing better (1.363 s, 0.506 s); nor did 140 s on the
+    H200's own graph of ResNet152 under 24.55 GiB (0.878 s, the plan after one repair)."""
     if plan.async_candidates is None and plan.async_min_bytes is None:
         return plan
     model = build_model(graph, profile, "asynchronous", kernel_limits(graph, limit_bytes), window=plan.async_window,
