@@ -10,9 +10,10 @@ from torch import fx
 
 from autotm_py.optimizer import optimize
 from autotm_py.runtime import compile as compile_plan
-from autotm_py.runtime.defrag import (MAX_CUT, MIN_CUT, STEP_MARGIN, MemoryTrace, kernel_memory_trace,
-                                      lowered_limits, measured_shortfall, offending_kernels, oom_request_bytes,
-                                      repair_limits, step_cut)
+from autotm_py.runtime.defrag import (MAX_CUT, MAX_STEP_CUT, MIN_CUT, STEP_MARGIN, MemoryTrace,
+                                      kernel_memory_trace, lowered_limits, measured_fragmentation,
+                                      measured_shortfall, offending_kernels, oom_request_bytes, repair_limits,
+                                      step_cut)
 from autotm_py.runtime.step import RunError
 
 from .test_runtime import small  # noqa: F401 - the shared tiny CNN, its graph and profile
@@ -94,6 +95,34 @@ def test_repair_cuts_windows_then_the_whole_step_by_the_shortfall() -> None:
     assert repair_limits(blind, np.array([33]), 1.0, 1, None)[:12].tolist() == [9_000] * 10 + [8_100] * 2
 
 
+def test_repair_cuts_the_whole_step_by_the_fragmentation_where_it_is_larger() -> None:
+    lim = np.full(40, 10_000, dtype=np.int64)
+    # out of memory at kernel 20, 0.3% short, while the allocator held 5% of the cap free that
+    # the request could not use: the window (10..30) loses 0.3% + MIN_CUT (10_000 -> 9_770),
+    # then every kernel 5% + STEP_MARGIN (9_770 -> 9_232, 10_000 -> 9_450)
+    first = repair_limits(lim, np.array([20]), 1 + 2 * (0.003 + MIN_CUT), 0, 0.003, 0.05)
+    assert step_cut(0.003, 0, 0.05) == pytest.approx(0.055)
+    assert first[:10].tolist() == [9_450] * 10 and first[31:].tolist() == [9_450] * 9
+    assert first[10:31].tolist() == [9_232] * 21
+    # fragmentation smaller than the shortfall's cut changes nothing
+    assert step_cut(0.003, 0, 0.001) == pytest.approx(0.008)
+    assert repair_limits(lim, np.array([20]), 1.05, 0, 0.003, 0.001).tolist() == \
+        repair_limits(lim, np.array([20]), 1.05, 0, 0.003).tolist()
+    # on a repeated failure the larger of the escalated margin and the fragmentation
+    assert step_cut(0.005, 1, 0.062) == pytest.approx(0.067) and step_cut(0.005, 2, 0.01) == pytest.approx(0.085)
+    # past MAX_CUT where the fragmentation says so, never past MAX_STEP_CUT
+    assert step_cut(0.003, 0, 0.108) == pytest.approx(0.113) and MAX_CUT < 0.113 < MAX_STEP_CUT
+    assert step_cut(0.003, 0, 0.4) == MAX_STEP_CUT
+    # the shortfall unknown: as without a fragmentation
+    assert step_cut(None, 0, 0.05) == 0.0 and step_cut(None, 1, 0.05) == MAX_CUT
+
+
+def test_measured_fragmentation() -> None:
+    peaks = np.array([90, 95, 70, 0])
+    assert measured_fragmentation(MemoryTrace(peaks, 3, failed_need=101, failed_held=7), 100) == pytest.approx(0.07)
+    assert measured_fragmentation(MemoryTrace(peaks, 3, failed_need=101), 100) is None
+
+
 def test_measured_shortfall() -> None:
     peaks = np.array([90, 95, 70, 0])
     assert measured_shortfall(MemoryTrace(peaks, 3, failed_need=101), 100) == pytest.approx(0.01)
@@ -162,6 +191,8 @@ def test_cuda_trace_peak_matches_the_allocator() -> None:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert failed.failed_kernel is not None
     assert failed.failed_need is not None and failed.failed_need > 0.9 * whole / 2
+    # the free memory the allocator held then is part of what it held: at most the cap
+    assert failed.failed_held is not None and 0 <= failed.failed_held <= whole / 2
 
 
 def _fails_to_allocate(x: torch.Tensor) -> torch.Tensor:
@@ -177,8 +208,10 @@ def test_probe_measures_what_the_failed_allocation_needed() -> None:
     probe = _PeakProbe(fx.GraphModule(torch.nn.Module(), g), 1)
     with pytest.raises(torch.OutOfMemoryError):
         probe.run(torch.ones(3))
-    # what the allocator holds (nothing, on a machine without CUDA) plus the request
+    # what the allocator holds (nothing, on a machine without CUDA) plus the request, and what
+    # it held beyond the tensors
     assert probe.failed_need == torch.cuda.memory_reserved() + (2 << 20)
+    assert probe.failed_held == torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
 
 def test_excess_over_the_plan_per_kernel(small) -> None:  # noqa: F811

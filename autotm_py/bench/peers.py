@@ -36,8 +36,8 @@ from ..optimizer import Infeasible, optimize
 from ..optimizer.formulation import refine_asynchronous
 from ..runtime import compile as compile_plan
 from ..runtime.defrag import (MAX_CUT, MemoryTrace, excess_over_plan, kernel_memory_trace, lowered_limits,
-                              measured_shortfall, offending_kernels, repair_limits, retry_kernels, step_cut,
-                              window_cut)
+                              measured_fragmentation, measured_shortfall, offending_kernels, repair_limits,
+                              retry_kernels, step_cut, window_cut)
 from ..runtime.step import SEARCH_STEPS, median, time_steps
 
 
@@ -420,9 +420,9 @@ def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, c
             where = retry_kernels(trace)
             return _Repair(lowered_limits(limits, where, RETRY_RATIO), where.tolist(), trace, 0.0)
         if len(offending):
-            short = measured_shortfall(trace, cap)
-            return _Repair(repair_limits(limits, offending, worst, repeats, short), offending.tolist(), trace,
-                           step_cut(short, repeats))
+            short, held = measured_shortfall(trace, cap), measured_fragmentation(trace, cap)
+            return _Repair(repair_limits(limits, offending, worst, repeats, short, held), offending.tolist(), trace,
+                           step_cut(short, repeats, held))
     overshoot = (peak / cap - 1) if status == "ok" else 2 * MAX_CUT
     return _Repair(lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), [], trace,
                    window_cut(1 + overshoot))
@@ -434,6 +434,8 @@ def _trace_notes(trace: MemoryTrace, plan: Any, graph: Any, top: int = 5) -> dic
     notes: dict[str, Any] = {}
     if trace.failed_need is not None:
         notes["failed_need"] = trace.failed_need
+    if trace.failed_held is not None:
+        notes["failed_held"] = trace.failed_held
     excess = excess_over_plan(trace, plan)
     notes["excess_over_plan"] = [{"kernel": int(k), "op": graph.kernels[k].op, "bytes": int(excess[k])}
                                  for k in np.argsort(-excess, kind="stable")[:top] if excess[k] > 0]

@@ -4,9 +4,9 @@ lower the fast-memory limit in windows around the kernels that went over it, and
 
 The plan counts tensor bytes; the caching allocator adds rounding, fragmentation and the
 workspaces the libraries keep. A repair cuts the windows around the kernels that went over by
-the measured shortfall plus MIN_CUT, and the whole step by the shortfall plus STEP_MARGIN,
-since the excess is mostly step-wide; repeated failures cut the whole step more
-(`repair_limits`).
+the measured shortfall plus MIN_CUT, and the whole step by the larger of the shortfall and the
+fragmentation measured at the failure, plus STEP_MARGIN, since the excess is mostly step-wide;
+repeated failures cut the whole step more (`repair_limits`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ from .step import PlannedStep, RunError, StepInterpreter, run_with_probe
 WINDOW = 10  # kernels on each side of an offending one whose limit is lowered (as the original)
 MIN_CUT, MAX_CUT = 0.02, 0.10  # each repair lowers a window's limit by 2% to 10%
 # Beyond the measured shortfall, the first cut of the whole step (then 4x, 16x that on repeated
-# failures, at most MAX_CUT). On an H200 the first plans of ResNet152 and DenseNet201 fell short
-# by 0.18% to 0.28% of the cap; after a window cut, the next plans fell short by 0.32% and 0.48%
-# at kernels outside it. The excess is not local: where a plan fills the limit, whatever the
-# plan does not count (up to 35 MB in those traces) and fragmentation find it short.
+# failures, at most MAX_CUT; the measured fragmentation plus this margin is the least cut). On
+# an H200 the first plans of ResNet152 and DenseNet201 fell short by 0.18% to 0.28% of the cap;
+# after a window cut, the next plans fell short by 0.32% and 0.48% at kernels outside it. The
+# excess is not local: where a plan fills the limit, whatever the plan does not count (up to
+# 35 MB in those traces) and fragmentation find it short.
 STEP_MARGIN = 0.005
+# The ceiling of a whole-step cut sized by the measured fragmentation, which may exceed MAX_CUT:
+# on an H200, DenseNet201 batch 128 under 5.2 GiB fitted only once 10.9% had been cut, in three
+# repairs, and its first failed step had allocated at most 4.64 GiB (10.8% under the cap).
+MAX_STEP_CUT = 0.25
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class MemoryTrace:
     # after freeing its cache, plus the request (None where no allocation failed, or its size
     # is not known)
     failed_need: int | None = None
+    # free device memory the allocator held at the failure, after freeing its cache, that the
+    # request could not use (reserved minus allocated: fragmentation); None without a failure
+    failed_held: int | None = None
 
 
 _OOM_REQUEST = re.compile(r"Tried to allocate ([0-9.]+) (bytes|KiB|MiB|GiB)")
@@ -69,6 +77,7 @@ class _PeakProbe(StepInterpreter):
         self.retries = np.zeros(num_kernels, dtype=np.int64)
         self.current: int | None = None
         self.failed_need: int | None = None
+        self.failed_held: int | None = None
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -76,8 +85,10 @@ class _PeakProbe(StepInterpreter):
         except torch.OutOfMemoryError as exc:
             # measured here, while every tensor the step holds is still referenced
             request = oom_request_bytes(str(exc))
+            reserved = torch.cuda.memory_reserved()
             if request is not None:
-                self.failed_need = torch.cuda.memory_reserved() + request
+                self.failed_need = reserved + request
+            self.failed_held = reserved - torch.cuda.memory_allocated()
             raise
 
     def _run_node(self, n: fx.Node) -> Any:
@@ -103,7 +114,7 @@ def kernel_memory_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torc
                                 catch=(torch.OutOfMemoryError,))
     failed = err is not None
     return MemoryTrace(probe.peaks.copy(), probe.current if failed else None, probe.retries.copy(),
-                       probe.failed_need if failed else None)
+                       probe.failed_need if failed else None, probe.failed_held if failed else None)
 
 
 def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarray, float]:
@@ -171,20 +182,34 @@ def measured_shortfall(trace: MemoryTrace, cap: int) -> float | None:
     return None if trace.failed_need is None else max(trace.failed_need / max(cap, 1) - 1, 0.0)
 
 
-def step_cut(shortfall: float | None, repeats: int) -> float:
+def measured_fragmentation(trace: MemoryTrace, cap: int) -> float | None:
+    """The free memory the allocator held at the failure and could not use, as a fraction of
+    `cap`, or None where the trace does not know it."""
+    return None if trace.failed_held is None else max(trace.failed_held, 0) / max(cap, 1)
+
+
+def step_cut(shortfall: float | None, repeats: int, fragmentation: float | None = None) -> float:
     """The fraction of every kernel's limit a repair takes off: the shortfall and STEP_MARGIN,
-    4**repeats times that margin after `repeats` failures in a row, at most MAX_CUT; with the
-    shortfall unknown, nothing on a first repair (the windows take the largest cut) and MAX_CUT
-    on a repeated one."""
+    4**repeats times that margin after `repeats` failures in a row, at most MAX_CUT; at least
+    the fragmentation plus STEP_MARGIN, at most MAX_STEP_CUT. With the shortfall unknown,
+    nothing on a first repair (the windows take the largest cut) and MAX_CUT on a repeated one.
+    The fragmentation counts because a plan that fits the cap only by the shortfall finds it
+    short again at other kernels: on an H200 the failed steps of DenseNet201 batch 128 had
+    allocated 3% to 11% less than the cap (the allocator held the rest), those of ResNet152
+    batch 256 at most 0.8% less; cut by the shortfall plus the margin, ResNet152's next plans
+    fitted and DenseNet201's ran out of memory twice more."""
     if shortfall is None:
         return 0.0 if repeats == 0 else MAX_CUT
-    return min(MAX_CUT, shortfall + STEP_MARGIN * 4 ** repeats)
+    escalated = min(MAX_CUT, shortfall + STEP_MARGIN * 4 ** repeats)
+    held = 0.0 if fragmentation is None else min(MAX_STEP_CUT, fragmentation + STEP_MARGIN)
+    return max(escalated, held)
 
 
 def repair_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float, repeats: int = 0,
-                  shortfall: float | None = None) -> np.ndarray:
-    """The limits of the next solve after a step went over them at `offending`, `worst_ratio`
-    and `shortfall` as measured (offending_kernels, measured_shortfall). A first repair
+                  shortfall: float | None = None, fragmentation: float | None = None) -> np.ndarray:
+    """The limits of the next solve after a step went over them at `offending`, `worst_ratio`,
+    `shortfall` and `fragmentation` as measured (offending_kernels, measured_shortfall,
+    measured_fragmentation). A first repair
     (`repeats` 0) cuts windows around those kernels and then the whole step (step_cut); a
     repeated one (the plan solved after `repeats` earlier cuts ran out of memory again) only
     the whole step, by more. On an H200 (DenseNet-201 batch 128 under 5.2 GiB, asynchronous
@@ -195,4 +220,4 @@ def repair_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float,
     lim = np.asarray(limits, dtype=np.int64)
     if repeats == 0:
         lim = lowered_limits(lim, offending, worst_ratio)
-    return np.floor(lim * (1 - step_cut(shortfall, repeats))).astype(np.int64)
+    return np.floor(lim * (1 - step_cut(shortfall, repeats, fragmentation))).astype(np.int64)
