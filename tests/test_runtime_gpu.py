@@ -42,3 +42,23 @@ def test_cuda_plan_matches_unplanned_step(formulation: str, tmp_path) -> None:
     assert stats.bytes_to_fast + stats.bytes_to_slow > 0
     if formulation == "asynchronous":
         assert stats.bytes_async > 0
+
+
+def test_cuda_run_cli_fits_the_budget(tmp_path) -> None:
+    """`autotm run --device cuda --budget B`: the measured peak of the step it reports stays
+    within B, re-solving where the first plan did not fit (what it did is in the notes)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from autotm_py.cli import main_group
+
+    model, (x,), y = zoo.workload("resnet50", 16, device="cuda")
+    peak = capture(model, (x,), y, lr=zoo.get("resnet50").lr, device="cuda").peak_live_bytes
+    budget = int(peak * 0.55)
+    r = CliRunner().invoke(main_group, ["run", "resnet50", "--batch", "16", "--device", "cuda", "--budget",
+                                        f"{budget}B", "--formulation", "asynchronous", "--steps", "2",
+                                        "--cache", str(tmp_path / "k.sqlite"), "--no-compare", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output[r.output.index("{"):])
+    assert rep["fast_peak_bytes"] <= budget and rep["limit_bytes"] <= budget

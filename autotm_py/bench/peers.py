@@ -17,7 +17,6 @@ measured pinned-copy bandwidth.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import tempfile
@@ -35,9 +34,8 @@ from ..graph import capture, zoo
 from ..optimizer import Infeasible, optimize
 from ..optimizer.formulation import refine_asynchronous
 from ..runtime import compile as compile_plan
-from ..runtime.defrag import (MAX_CUT, MemoryTrace, excess_over_plan, kernel_memory_trace, lowered_limits,
-                              measured_fragmentation, measured_shortfall, offending_kernels, repair_limits,
-                              retry_kernels, step_cut, window_cut)
+from ..runtime.defrag import MemoryTrace, excess_over_plan, lowered_limits, next_limits, retry_kernels
+from ..runtime.fit import cuda_trace, hold_device_memory
 from ..runtime.step import SEARCH_STEPS, median, time_steps
 
 
@@ -106,15 +104,7 @@ def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _reset(cap_fraction: float | None) -> None:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    # PyTorch's host cache keeps every pinned block save_on_cpu used; across cases they added
-    # up past the host's memory (on an H200 host of 128 GiB, at the third case of one run)
-    if hasattr(torch._C, "_host_emptyCache"):
-        torch._C._host_emptyCache()
-    torch.cuda.set_per_process_memory_fraction(1.0 if cap_fraction is None else cap_fraction)
-    torch.cuda.reset_peak_memory_stats()
+    hold_device_memory(cap_fraction)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -298,7 +288,7 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
                 break
         per_kernel = np.broadcast_to(np.asarray(limit, dtype=np.int64), (len(graph.kernels),))
         repeats = _oom_streak(attempts) - 1
-        fix = _repaired(step, x, y, per_kernel, cap, total, peak, status, max(repeats, 0))
+        fix = _repaired(step, x, y, per_kernel, cap, peak, status, max(repeats, 0))
         limit, where = fix.limits, fix.where
         if fix.trace is not None:
             attempts[-1].update(_trace_notes(fix.trace, plan, graph))
@@ -392,40 +382,19 @@ class _Repair:
     step_cut: float  # the fraction every kernel's limit lost
 
 
-def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, cap: int, total: int,
-              peak: int, status: str, repeats: int = 0) -> _Repair:
+def _repaired(step: Any, x: torch.Tensor, y: torch.Tensor, limits: np.ndarray, cap: int, peak: int, status: str,
+              repeats: int = 0) -> _Repair:
     """The next solve's limits from a memory trace of `step`. A step that ran out of memory is
     cut as defrag.repair_limits says (`repeats`: the out-of-memory attempts before it in a row);
     one that fitted with allocator retries, around the kernels where the allocator had to free
     its cache. A step that went over between kernels, or whose trace failed otherwise, gets its
-    limit lowered everywhere. The traced step follows one plain step, so that it finds the
-    allocator's cache as a step before it leaves it, as the measured steps did: on an H200
-    (DenseNet201 batch 128 under 13 GiB) a plan ran out of memory in those steps and its
-    trace, from an empty cache, named no kernel."""
-    _reset(cap / total)
-    try:
-        try:
-            step(x, y)
-            torch.cuda.synchronize()
-        except torch.OutOfMemoryError:
-            pass  # the trace's step then shows where
-        trace = kernel_memory_trace(step, x, y)
-    except Exception:  # noqa: BLE001 - without a trace the repair is the global one
-        trace = None
-    finally:
-        _reset(None)
-    if trace is not None:
-        offending, worst = offending_kernels(trace, np.full(len(limits), cap))
-        if status == "ok" and peak <= cap:  # it fitted, with allocator retries
-            where = retry_kernels(trace)
-            return _Repair(lowered_limits(limits, where, RETRY_RATIO), where.tolist(), trace, 0.0)
-        if len(offending):
-            short, held = measured_shortfall(trace, cap), measured_fragmentation(trace, cap)
-            return _Repair(repair_limits(limits, offending, worst, repeats, short, held), offending.tolist(), trace,
-                           step_cut(short, repeats, held))
-    overshoot = (peak / cap - 1) if status == "ok" else 2 * MAX_CUT
-    return _Repair(lowered_limits(limits, np.arange(len(limits)), 1 + overshoot, window=0), [], trace,
-                   window_cut(1 + overshoot))
+    limit lowered everywhere (runtime.fit.cuda_trace takes the trace)."""
+    trace = cuda_trace(step, x, y, cap)
+    if trace is not None and status == "ok" and peak <= cap:  # it fitted, with allocator retries
+        where = retry_kernels(trace)
+        return _Repair(lowered_limits(limits, where, RETRY_RATIO), where.tolist(), trace, 0.0)
+    lim, where, cut = next_limits(trace, limits, cap, (peak / cap - 1) if status == "ok" else None, repeats)
+    return _Repair(lim, where, trace, cut)
 
 
 def _trace_notes(trace: MemoryTrace, plan: Any, graph: Any, top: int = 5) -> dict[str, Any]:

@@ -27,15 +27,23 @@ from .optimize_cmd import _get_profile, _optimizer_errors
               help="CPU slow tier the slow tensors live in: pmem:PATH, numa:NODE or model (a DRAM arena).")
 @click.option("--cache", default=None, metavar="PATH", help="Kernel cache file or folder.")
 @click.option("--time-limit", type=float, default=300.0, show_default=True, help="Solver time limit, seconds.")
+@click.option("--max-retries", type=int, default=3, show_default=True, metavar="N",
+              help="CUDA, when solving: re-solve up to N times with lower limits where the planned "
+                   "step runs out of memory under the budget or its peak goes over it.")
 @click.option("--no-compare", is_flag=True, help="Skip timing the unplanned step.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
 @_optimizer_errors
 def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | None, dram: str | None,
             budget: str | None, formulation: str, steps: int, device: str, slow_tier: str | None,
-            cache: str | None, time_limit: float, no_compare: bool, as_json: bool) -> None:
+            cache: str | None, time_limit: float, max_retries: int, no_compare: bool, as_json: bool) -> None:
     """Run MODEL's training step with a plan: measured step time, predicted time, prediction
     error, peak memory per tier and bytes moved.
+
+    On CUDA, a plan solved here runs with the caching allocator held to the budget; where the
+    step runs out of memory or its measured peak goes over (fragmentation, workspaces the plan
+    does not count), its memory is traced per kernel, the limits are lowered where it went over
+    and the plan is solved again (--max-retries), and the report says so.
 
     \b
     Examples:
@@ -56,23 +64,33 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
         raise UserError("give either --plan FILE or exactly one limit (--ratio, --dram or --budget)")
     if steps <= 0:
         raise UserError(f"--steps must be positive, got {steps}")
+    if max_retries < 0:
+        raise UserError(f"--max-retries must be 0 or more, got {max_retries}")
     if budget is not None and device != "cuda":
         raise UserError("--budget is device memory for --device cuda; on the CPU give --dram or --ratio")
     check_device(device)
     if ratio is not None:
         parse_ratio(ratio)
     graph = capture_workload(model, batch, device=device)
+    plan: Plan | None = None
     if plan_path is not None:
         plan = Plan.load(plan_path, graph)
+        if plan.device != device:
+            raise UserError(f"the plan is for --device {plan.device}, not {device}")
+        limit = plan.limit_bytes
     else:
-        prof = _get_profile(graph, device, False, slow_tier, cache, as_json)
         limit = parse_size(dram or budget) if (dram or budget) else limit_from_ratio(graph, ratio)  # type: ignore[arg-type]
-        plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit)
-    if plan.device != device:
-        raise UserError(f"the plan is for --device {plan.device}, not {device}")
-    if device == "cuda" and plan.limit_bytes > torch.cuda.mem_get_info()[0]:
-        raise UserError(f"the plan's budget {human_bytes(plan.limit_bytes)} is more than the "
+    if device == "cuda" and limit > torch.cuda.mem_get_info()[0]:
+        raise UserError(f"the budget {human_bytes(limit)} is more than the "
                         f"{human_bytes(torch.cuda.mem_get_info()[0])} this device has free")
+    if plan is None:
+        prof = _get_profile(graph, device, False, slow_tier, cache, as_json)
+
+        def solve(limits):
+            return optimize(graph, prof, formulation=formulation, limit_bytes=limits, time_limit=time_limit)
+
+        if device != "cuda":
+            plan = solve(limit)
     w = resolve_workload(model, graph.batch, device=device)
     net = w.model.to(device)
     inputs = tuple(x.to(device) for x in w.inputs)
@@ -89,26 +107,35 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
             unplanned = None
         if device == "cuda":
             torch.cuda.empty_cache()
-    step = compile_plan(plan, net, lr=w.lr, slow_tier=slow_tier)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    notes = "" if device == "cuda" else "CPU fast-memory peak is the plan's (not measured)"
     try:
-        times = time_steps(lambda: step(inputs, target), steps, dev)
-    except RunError as exc:
-        raise UserError(str(exc)) from None
-    except MemoryError as exc:
+        if plan is None:  # CUDA, solved here: fit the plan to the budget
+            fitted = _fit_cuda(solve, net, w.lr, inputs, target, steps, limit, len(graph.kernels), max_retries)
+            plan, step = fitted.plan, fitted.outcome.payload[0]
+            if not fitted.fits:
+                raise UserError(f"the step did not fit the budget {human_bytes(limit)}: "
+                                f"{fitted.summary() or 'it ran out of memory or went over'}; give a lower "
+                                f"--budget or more --max-retries")
+            times, fast_peak, notes = fitted.outcome.payload[1], fitted.outcome.peak, fitted.summary()
+        else:
+            step = compile_plan(plan, net, lr=w.lr, slow_tier=slow_tier)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = time_steps(lambda: step(inputs, target), steps, dev)
+            fast_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+            if fast_peak is not None and fast_peak > plan.limit_bytes:
+                notes = f"the measured peak is over the plan's budget by {human_bytes(fast_peak - plan.limit_bytes)}"
+    except (RunError, MemoryError) as exc:
         raise UserError(str(exc)) from None
     except torch.OutOfMemoryError:
         raise UserError(f"the step ran out of device memory under the plan's budget "
-                        f"{human_bytes(plan.limit_bytes)}; optimize with a lower --budget") from None
+                        f"{human_bytes(limit)}; optimize with a lower --budget") from None
     stats = step.move_stats
-    fast_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     report = RunReport(
         graph.name, graph.batch, device, plan.formulation, steps, median(times), plan.predicted_seconds,
         unplanned, fast_peak, plan.peak_fast_bytes, stats.slow_bytes_live_peak,
         stats.bytes_to_fast, stats.bytes_to_slow, stats.bytes_async, stats.unplanned_copies,
-        plan.limit_bytes, plan.modeled,
-        notes="" if device == "cuda" else "CPU fast-memory peak is the plan's (not measured)")
+        plan.limit_bytes, plan.modeled, notes=notes)
     step.close()
     if as_json:
         emit_json(report.to_json())
@@ -132,6 +159,25 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
         ("  of which asynchronous", human_bytes(report.bytes_async)),
         ("copies outside the plan", str(report.unplanned_copies)),
     ]
+    if report.notes:
+        rows.append(("notes", report.notes))
     for a, b in rows:
         t.add_row(a, b)
     console.print(t)
+
+
+def _fit_cuda(solve, net, lr: float, inputs, target, steps: int, budget: int, num_kernels: int, max_retries: int):
+    """runtime.fit.fit_to_budget with the CUDA stages; each outcome's payload is (the compiled
+    step, its step times)."""
+    from ..runtime import compile as compile_plan
+    from ..runtime.fit import RunOutcome, cuda_outcome, cuda_trace, fit_to_budget
+
+    def run(plan):
+        step = compile_plan(plan, net, lr=lr)
+        out = cuda_outcome(lambda: step(inputs, target), steps, budget)
+        return RunOutcome(out.status, out.peak, (step, out.payload))
+
+    def trace(outcome):
+        return cuda_trace(outcome.payload[0], inputs, target, budget)
+
+    return fit_to_budget(solve, run, trace, budget, num_kernels, max_retries)

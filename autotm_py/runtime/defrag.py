@@ -221,3 +221,22 @@ def repair_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float,
     if repeats == 0:
         lim = lowered_limits(lim, offending, worst_ratio)
     return np.floor(lim * (1 - step_cut(shortfall, repeats, fragmentation))).astype(np.int64)
+
+
+def next_limits(trace: MemoryTrace | None, limits: np.ndarray, cap: int, overshoot: float | None,
+                repeats: int = 0) -> tuple[np.ndarray, list[int], float]:
+    """(the next solve's per-kernel limits, the kernels that went over `cap`, the fraction the
+    whole step lost) after a step did not fit: cut as repair_limits says where `trace` names
+    the kernels (`repeats`: the out-of-memory failures in a row before this one); otherwise
+    (no trace, or a step that went over between kernels) every kernel lowered by half the
+    `overshoot` (measured peak / cap - 1; None for an out-of-memory error: twice MAX_CUT),
+    between MIN_CUT and MAX_CUT."""
+    if trace is not None:
+        offending, worst = offending_kernels(trace, np.full(len(limits), cap))
+        if len(offending):
+            short, held = measured_shortfall(trace, cap), measured_fragmentation(trace, cap)
+            return (repair_limits(limits, offending, worst, repeats, short, held), offending.tolist(),
+                    step_cut(short, repeats, held))
+    ratio = 1 + (2 * MAX_CUT if overshoot is None else overshoot)
+    return lowered_limits(limits, np.arange(len(limits)), ratio, window=0), [], window_cut(ratio)
+
