@@ -11,13 +11,16 @@ fastest; both repair as defrag.next_limits says.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from ..optimizer.plan import Plan
-from .defrag import MemoryTrace, next_limits
+from .defrag import MemoryTrace, kernel_memory_trace, next_limits
+from .step import time_steps
 
 OK, OUT_OF_MEMORY, OVER = "ok", "out of memory", "over the budget"
 
@@ -101,10 +104,6 @@ def fit_to_budget(solve: Callable[[Any], Plan], run: Callable[[Plan], RunOutcome
 def hold_device_memory(fraction: float | None) -> None:
     """Hold the caching allocator to `fraction` of the device (None: all of it), from an empty
     cache and a fresh peak counter."""
-    import gc
-
-    import torch
-
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -117,18 +116,12 @@ def hold_device_memory(fraction: float | None) -> None:
 
 
 def _fraction(budget: int) -> float:
-    import torch
-
     return min(1.0, budget / torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
 def cuda_outcome(call: Callable[[], Any], steps: int, budget: int) -> RunOutcome:
     """Run one planned step `call` once, then `steps` times timed, with the caching allocator
     held to `budget` bytes; the payload is the step times (None where it ran out of memory)."""
-    import torch
-
-    from .step import time_steps
-
     hold_device_memory(_fraction(budget))
     try:
         times = time_steps(call, steps, torch.device("cuda"))
@@ -144,10 +137,6 @@ def cuda_trace(step: Any, inputs: Any, target: Any, budget: int) -> MemoryTrace 
     taken. It follows one plain step, so that it finds the allocator's cache as a step before
     it leaves it, as the measured steps did: on an H200 (DenseNet201 batch 128 under 13 GiB) a
     plan ran out of memory in those steps and its trace, from an empty cache, named no kernel."""
-    import torch
-
-    from .defrag import kernel_memory_trace
-
     hold_device_memory(_fraction(budget))
     try:
         try:
