@@ -25,6 +25,7 @@ def test_run_solves_runs_and_reports(cache: str) -> None:
     assert rep["formulation"] == "synchronous" and rep["steps"] == 2 and rep["limit_bytes"] == 700
     assert rep["step_seconds"] > 0 and rep["predicted_seconds"] > 0
     assert rep["fast_peak_predicted"] <= 700
+    assert rep["resolves"] == 0  # only a CUDA budget is fitted by re-solving
 
 
 def test_run_a_saved_plan_and_refuse_another_graphs(cache: str, tmp_path) -> None:

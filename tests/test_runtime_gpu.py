@@ -62,3 +62,4 @@ def test_cuda_run_cli_fits_the_budget(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output[r.output.index("{"):])
     assert rep["fast_peak_bytes"] <= budget and rep["limit_bytes"] <= budget
+    assert (rep["resolves"] > 0) == ("re-solve" in rep["notes"])

@@ -108,6 +108,7 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
         if device == "cuda":
             torch.cuda.empty_cache()
     notes = "" if device == "cuda" else "CPU fast-memory peak is the plan's (not measured)"
+    resolves = 0
     try:
         if plan is None:  # CUDA, solved here: fit the plan to the budget
             fitted = _fit_cuda(solve, net, w.lr, inputs, target, steps, limit, len(graph.kernels), max_retries)
@@ -117,6 +118,7 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
                                 f"{fitted.summary() or 'it ran out of memory or went over'}; give a lower "
                                 f"--budget or more --max-retries")
             times, fast_peak, notes = fitted.outcome.payload[1], fitted.outcome.peak, fitted.summary()
+            resolves = fitted.resolves
         else:
             step = compile_plan(plan, net, lr=w.lr, slow_tier=slow_tier)
             if device == "cuda":
@@ -135,7 +137,7 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
         graph.name, graph.batch, device, plan.formulation, steps, median(times), plan.predicted_seconds,
         unplanned, fast_peak, plan.peak_fast_bytes, stats.slow_bytes_live_peak,
         stats.bytes_to_fast, stats.bytes_to_slow, stats.bytes_async, stats.unplanned_copies,
-        plan.limit_bytes, plan.modeled, notes=notes)
+        plan.limit_bytes, plan.modeled, notes=notes, resolves=resolves)
     step.close()
     if as_json:
         emit_json(report.to_json())

@@ -27,6 +27,7 @@ class RunReport:
     limit_bytes: int
     modeled: bool
     notes: str = ""
+    resolves: int = 0  # CUDA: re-solves it took to fit the budget (runtime.fit)
 
     @property
     def prediction_error(self) -> float:
