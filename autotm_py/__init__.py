@@ -1,6 +1,7 @@
 """autotm-py: AutoTM's profile-guided tensor placement and movement, on PyTorch.
 
-Pipeline: capture (Graph) -> profile (Profile) -> optimize (Plan) -> compile (a planned step).
+Pipeline: capture (Graph) -> profile (Profile) -> optimize (Plan) -> compile (a planned step);
+on CUDA, fit solves, runs and repairs until a step stays within a device-memory budget.
 """
 
 from __future__ import annotations
@@ -35,4 +36,33 @@ def compile(plan: Any, model: Any, optimizer: Any = None, **kwargs: Any):
     return _compile(plan, model, optimizer, **kwargs)
 
 
-__all__ = ["CaptureError", "Graph", "capture", "compile", "optimize", "profile", "zoo", "__version__"]
+def fit(graph: Graph, profile: Any, model: Any, inputs: Any, target: Any = None, *, budget: int,
+        optimizer: Any = None, formulation: str = "asynchronous", max_retries: int = 3,
+        time_limit: float = 120.0, **kwargs: Any):
+    """CUDA: a training step whose measured peak stays within `budget` bytes of device memory,
+    and the record of how it was found: the plan is solved, run on `inputs` under the budget,
+    and where the step runs out of memory or goes over (allocator fragmentation, workspaces),
+    repaired and solved again, up to `max_retries` times (autotm_py.runtime.fit). The model's
+    parameters and buffers and the optimizer's state are left as they were. Returns (step,
+    fitted); raises runtime.fit.BudgetError where no plan fitted. `kwargs` go to compile."""
+    import torch
+
+    from .optimizer import optimize as _optimize
+    from .runtime import compile as _compile
+    from .runtime.fit import cuda_stages, fit_step
+
+    if graph.device != "cuda" or not torch.cuda.is_available():
+        raise ValueError("fit holds a CUDA device to a budget: capture the graph with device='cuda' on a CUDA machine")
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+    def solve(limits: Any):
+        return _optimize(graph, profile, formulation=formulation, limit_bytes=limits, time_limit=time_limit)
+
+    def make_step(plan: Any):
+        return _compile(plan, model, optimizer, **kwargs)
+
+    return fit_step(solve, make_step, lambda mk: cuda_stages(mk, inputs, target, 1, budget), model, optimizer,
+                    budget, len(graph.kernels), max_retries)
+
+
+__all__ = ["CaptureError", "Graph", "capture", "compile", "fit", "optimize", "profile", "zoo", "__version__"]

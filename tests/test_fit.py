@@ -1,13 +1,23 @@
 """The loop that fits a plan to a device budget, with fake stages: the limits each solve gets
 after a step ran out of memory or went over, worked out by hand."""
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
+from autotm_py.graph import capture
+from autotm_py.optimizer import optimize
+from autotm_py.profiler import profile
+from autotm_py.runtime import compile as compile_plan
+from autotm_py.runtime import unplanned_step
 from autotm_py.runtime.defrag import MemoryTrace
-from autotm_py.runtime.fit import OK, OUT_OF_MEMORY, OVER, RunOutcome, fit_to_budget
+from autotm_py.runtime.fit import OK, OUT_OF_MEMORY, OVER, RunOutcome, _restore, _snapshot, fit_step, fit_to_budget
+from autotm_py.runtime.step import spec_from_optimizer
+
+from .test_runtime import SMALL_PROBE, small  # noqa: F401 - the shared tiny CNN, its graph and profile
 
 K, BUDGET = 40, 10_000
 
@@ -90,3 +100,80 @@ def test_fits_at_once_without_a_note() -> None:
     st = _Stages([RunOutcome(OK, 9_999)], [])
     fitted = st.fit()
     assert fitted.fits and fitted.resolves == 0 and fitted.summary() == "" and len(st.limits) == 1
+
+
+def test_fit_step_leaves_the_model_and_optimizer_as_they_were(small) -> None:  # noqa: F811
+    """Real CPU steps in the fitting (its run stage trains the model), a fake out-of-memory
+    outcome for the first plan: the parameters and optimizer state are put back, and the step
+    returned then trains exactly as the unplanned step does."""
+    model, x, y, _, _, cache = small
+    net, ref = copy.deepcopy(model), copy.deepcopy(model)
+    graph = capture(net, (x,), y, lr=0.05, momentum=0.9)
+    prof = profile(graph, progress=False, cache=cache, bandwidth_sizes=SMALL_PROBE)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    before = [p.detach().clone() for p in net.parameters()]
+    budget = int(graph.peak_live_bytes * 0.6)
+    solved = []
+
+    def solve(limits):
+        solved.append(np.asarray(limits))
+        return optimize(graph, prof, formulation="synchronous", limit_bytes=limits, time_limit=60)
+
+    stages_ran: list[bool] = []
+
+    def stages(make_step):
+        ran = stages_ran
+
+        def run(plan):
+            step = make_step(plan)
+            for i in range(2):
+                torch.manual_seed(i)
+                step(x, y)
+            ran.append(not torch.equal(next(net.parameters()), before[0]))  # they trained it
+            return RunOutcome(OUT_OF_MEMORY, budget) if len(ran) == 1 else RunOutcome(OK, plan.peak_fast_bytes)
+
+        def trace(outcome):
+            return MemoryTrace(np.zeros(len(graph.kernels), dtype=np.int64), 3, failed_need=int(budget * 1.003))
+
+        return run, trace
+
+    step, fitted = fit_step(solve, lambda plan: compile_plan(plan, net, opt), stages, net, opt, budget,
+                            len(graph.kernels))
+    assert fitted.resolves == 1 and len(solved) == 2 and solved[1].min() < budget
+    assert stages_ran == [True, True]
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert len(opt.state) == 0  # the momentum buffers the fitting's steps made are gone
+    base = unplanned_step(ref, spec_from_optimizer(torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), None,
+                                                   "cross_entropy"), (x,), y)
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        loss_a = step(x, y)
+        torch.manual_seed(100 + i)
+        assert torch.equal(loss_a, base()), f"loss differs at step {i}"
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_snapshot_and_restore_put_existing_optimizer_state_back(small) -> None:  # noqa: F811
+    model = copy.deepcopy(small[0])
+    x, y = small[1], small[2]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def eager_step():
+        torch.manual_seed(3)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    eager_step()  # now every parameter has a momentum buffer
+    params = [p.detach().clone() for p in model.parameters()]
+    bufs = {p: opt.state[p]["momentum_buffer"] for p in model.parameters()}
+    values = [b.clone() for b in bufs.values()]
+    saved = _snapshot(model, opt)
+    eager_step()
+    opt.state[next(model.parameters())]["extra"] = 1  # a key a step added
+    _restore(model, opt, saved)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    for (p, b), v in zip(bufs.items(), values):
+        assert opt.state[p]["momentum_buffer"] is b and torch.equal(b, v)  # the same tensor, in place
+    assert "extra" not in opt.state[next(model.parameters())]

@@ -63,3 +63,27 @@ def test_cuda_run_cli_fits_the_budget(tmp_path) -> None:
     rep = json.loads(r.output[r.output.index("{"):])
     assert rep["fast_peak_bytes"] <= budget and rep["limit_bytes"] <= budget
     assert (rep["resolves"] > 0) == ("re-solve" in rep["notes"])
+
+
+def test_cuda_fit_gives_a_step_within_the_budget(tmp_path) -> None:
+    """autotm_py.fit: the step it returns runs under the budget with its peak within it, and the
+    fitting left the parameters as they were."""
+    import autotm_py
+    from autotm_py.runtime.fit import hold_device_memory
+
+    entry = zoo.get("resnet50")
+    model, (x,), y = zoo.workload("resnet50", 16, device="cuda")
+    graph = capture(model, (x,), y, lr=entry.lr, device="cuda")
+    prof = profile(graph, device="cuda", cache=str(tmp_path / "k.sqlite"), progress=False)
+    budget = int(graph.peak_live_bytes * 0.55)
+    before = [p.detach().clone() for p in model.parameters()]
+    step, fitted = autotm_py.fit(graph, prof, model, x, y, budget=budget, lr=entry.lr)
+    assert fitted.fits and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    hold_device_memory(budget / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        for _ in range(2):
+            step(x, y)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() <= budget
+    finally:
+        hold_device_memory(None)

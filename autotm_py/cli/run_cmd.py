@@ -172,14 +172,7 @@ def _fit_cuda(solve, net, lr: float, inputs, target, steps: int, budget: int, nu
     """runtime.fit.fit_to_budget with the CUDA stages; each outcome's payload is (the compiled
     step, its step times)."""
     from ..runtime import compile as compile_plan
-    from ..runtime.fit import RunOutcome, cuda_outcome, cuda_trace, fit_to_budget
+    from ..runtime.fit import cuda_stages, fit_to_budget
 
-    def run(plan):
-        step = compile_plan(plan, net, lr=lr)
-        out = cuda_outcome(lambda: step(inputs, target), steps, budget)
-        return RunOutcome(out.status, out.peak, (step, out.payload))
-
-    def trace(outcome):
-        return cuda_trace(outcome.payload[0], inputs, target, budget)
-
+    run, trace = cuda_stages(lambda plan: compile_plan(plan, net, lr=lr), inputs, target, steps, budget)
     return fit_to_budget(solve, run, trace, budget, num_kernels, max_retries)

@@ -2,11 +2,11 @@
 where it runs out of memory or its measured peak goes over, trace its memory per kernel, lower
 the limits where it went over (defrag.next_limits) and solve again, up to a number of times.
 
-The loop takes its three stages as functions (`autotm run --device cuda` gives them; a test
-gives fakes, with no GPU): `solve(limits)` returns a plan, `run(plan)` a RunOutcome,
-`trace(outcome)` the MemoryTrace of the failed step (or None). The GPU comparison
-(bench.peers) keeps a loop of its own, which also times every fitting plan and keeps the
-fastest; both repair as defrag.next_limits says.
+The loop takes its three stages as functions (`autotm run --device cuda` and the library's
+`autotm_py.fit` give the CUDA ones, cuda_stages; a test gives fakes, with no GPU):
+`solve(limits)` returns a plan, `run(plan)` a RunOutcome, `trace(outcome)` the MemoryTrace of
+the failed step (or None). The GPU comparison (bench.peers) keeps a loop of its own, which also
+times every fitting plan and keeps the fastest; both repair as defrag.next_limits says.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from ..optimizer.plan import Plan
 from .defrag import MemoryTrace, kernel_memory_trace, next_limits
-from .step import time_steps
+from .step import PlannedStep, time_steps
 
 OK, OUT_OF_MEMORY, OVER = "ok", "out of memory", "over the budget"
 
@@ -71,6 +71,10 @@ class Fitted:
                 f"(lowest limit {cut:.1%} under it); the last plan {fitted}")
 
 
+class BudgetError(RuntimeError):
+    """No plan fitted the budget within the re-solves allowed."""
+
+
 def fit_to_budget(solve: Callable[[Any], Plan], run: Callable[[Plan], RunOutcome],
                   trace: Callable[[RunOutcome], MemoryTrace | None], budget: int, num_kernels: int,
                   max_retries: int = 3, log: Callable[[str], None] | None = None) -> Fitted:
@@ -98,6 +102,58 @@ def fit_to_budget(solve: Callable[[Any], Plan], run: Callable[[Plan], RunOutcome
         limits, where, cut = next_limits(trace(outcome), per_kernel, budget, overshoot, repeats)
         failures_in_a_row = repeats + 1 if status == OUT_OF_MEMORY else 0
         attempts[-1] = Attempt(lowest, status, outcome.peak, plan.predicted_seconds, cut, tuple(where[:50]))
+
+
+def fit_step(solve: Callable[[Any], Plan], make_step: Callable[[Plan], PlannedStep],
+             stages: Callable[[Callable[[Plan], PlannedStep]], tuple[Callable, Callable]], model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer | None, budget: int, num_kernels: int,
+             max_retries: int = 3) -> tuple[PlannedStep, Fitted]:
+    """(a fresh step of the plan that fitted `budget`, the record of the fitting), with
+    `model`'s parameters and buffers and `optimizer`'s state as they were before: fitting runs
+    training steps (`stages(make_step)` gives fit_to_budget's run and trace), and what they
+    updated is put back, in place. Raises BudgetError where no plan fitted."""
+    saved = _snapshot(model, optimizer)
+    try:
+        run, trace = stages(make_step)
+        fitted = fit_to_budget(solve, run, trace, budget, num_kernels, max_retries)
+    finally:
+        _restore(model, optimizer, saved)
+    if not fitted.fits:
+        raise BudgetError(f"no plan fitted the budget of {budget} bytes: {fitted.summary() or 'the step went over'}")
+    return make_step(fitted.plan), fitted
+
+
+def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[list, dict]:
+    """Host copies of the model's parameters and buffers and of the optimizer's state."""
+    tensors = [t.detach().to("cpu", copy=True) for t in (*model.parameters(), *model.buffers())]
+    state: dict[torch.Tensor, dict[str, Any]] = {}
+    if optimizer is not None:
+        for p, st in optimizer.state.items():
+            state[p] = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+    return tensors, state
+
+
+@torch.no_grad()
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, saved: tuple[list, dict]) -> None:
+    """Put back what _snapshot copied, in place (a step holds these very tensors); optimizer
+    state a step created is dropped, as if it had never run."""
+    tensors, state = saved
+    for t, s in zip((*model.parameters(), *model.buffers()), tensors):
+        t.copy_(s)
+    if optimizer is None:
+        return
+    for p in list(optimizer.state):
+        if p not in state:
+            del optimizer.state[p]
+            continue
+        st = optimizer.state[p]
+        for k in [k for k in st if k not in state[p]]:
+            del st[k]
+        for k, v in state[p].items():
+            if isinstance(v, torch.Tensor) and isinstance(st.get(k), torch.Tensor):
+                st[k].copy_(v)
+            else:
+                st[k] = v
 
 
 # ---- the CUDA stages -------------------------------------------------------------------------
@@ -149,3 +205,20 @@ def cuda_trace(step: Any, inputs: Any, target: Any, budget: int) -> MemoryTrace 
         return None
     finally:
         hold_device_memory(None)
+
+
+def cuda_stages(make_step: Callable[[Plan], Any], inputs: Any, target: Any, steps: int,
+                budget: int) -> tuple[Callable[[Plan], RunOutcome], Callable[[RunOutcome], MemoryTrace | None]]:
+    """fit_to_budget's run and trace on CUDA: run compiles a plan with `make_step` and times
+    it under the budget (the outcome's payload: the step and its step times); trace takes the
+    memory trace of that step."""
+    def run(plan: Plan) -> RunOutcome:
+        step = make_step(plan)
+        out = cuda_outcome(lambda: step(inputs, target), steps, budget)
+        return RunOutcome(out.status, out.peak, (step, out.payload))
+
+    def trace(outcome: RunOutcome) -> MemoryTrace | None:
+        return cuda_trace(outcome.payload[0], inputs, target, budget)
+
+    return run, trace
+
