@@ -196,6 +196,38 @@ def test_gpu_case_result_round_trips_through_json() -> None:
     assert "| | | autotm asynchronous | 0.944 s | 3.82 | 1.30 | 24.1 GiB | 0.879 s (6.9%) | ok; 1 re-solve(s) |" in table
 
 
+def test_gpu_reports_merge_case_by_case(tmp_path) -> None:
+    import copy
+    import pathlib
+
+    shipped = json.loads((pathlib.Path(__file__).parents[1] / "benchmarks/results/gpu_peers_h200.json").read_text())
+    first, second = copy.deepcopy(shipped), copy.deepcopy(shipped)
+    first["cases"] = shipped["cases"][:3]
+    second["cases"] = copy.deepcopy(shipped["cases"][1:])  # the second and third again, and the rest
+    async_ = next(m for m in second["cases"][0]["methods"] if m["method"] == "autotm asynchronous")
+    async_["step_seconds"] = 1.234  # a rerun of the second case
+    del second["notes"]
+    a, b = tmp_path / "a.json", tmp_path / "b" / "gpu"
+    a.write_text(json.dumps(first))
+    b.mkdir(parents=True)
+    (b / "gpu_peers.json").write_text(json.dumps(second))
+    out = tmp_path / "merged.json"
+    r = _bench("gpu-merge", str(a), str(tmp_path / "b"), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    merged = json.loads(out.read_text())
+    key = [(c["model"], c["batch"], c["cap_bytes"]) for c in merged["cases"]]
+    assert key == [(c["model"], c["batch"], c["cap_bytes"]) for c in shipped["cases"]]  # the first order
+    assert merged["cases"][1]["methods"] == second["cases"][0]["methods"]  # the later one wins
+    assert merged["cases"][0] == shipped["cases"][0] and merged["notes"] == shipped["notes"]
+    table = out.with_suffix(".md").read_text()
+    assert "| | | autotm asynchronous | 1.234 s |" in table and table.count("| unconstrained |") == 5
+    # runs of another setup are refused, in one sentence
+    second["cudnn_benchmark"] = True
+    (b / "gpu_peers.json").write_text(json.dumps(second))
+    r = _bench("gpu-merge", str(a), str(tmp_path / "b"), "--out", str(out))
+    assert r.exit_code != 0 and "differ in cudnn_benchmark" in r.output and "Traceback" not in r.output
+
+
 def test_out_of_memory_streak_counts_the_last_attempts_in_a_row() -> None:
     from autotm_py.bench.peers import _oom_streak
 

@@ -67,7 +67,7 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
     import torch
 
-    from .peers import markdown, run_case
+    from .peers import run_case
 
     torch.backends.cudnn.benchmark = cudnn_benchmark
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,9 +80,41 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
         report = {"kind": GPU_KIND, "schema": GPU_SCHEMA, "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "cudnn_benchmark": cudnn_benchmark,
                   "cases": [r.to_json() for r in results], "oversized": []}
-        path.write_text(json.dumps(report, indent=2, default=str))
-        path.with_suffix(".md").write_text(markdown(results))
+        write_gpu_report(report, path)
     return path
+
+
+def merge_gpu_reports(reports: list[Mapping[str, Any]], notes: str | None = None) -> dict[str, Any]:
+    """One report from several of the same device, torch and cuDNN mode (one invocation per
+    case keeps each case's pinned host memory to itself): the cases in the order first seen, a
+    later report's case replacing an earlier one of the same model, batch and cap; `notes`, or
+    else the first report's."""
+    if not reports:
+        raise ResultsError("give at least one GPU comparison report to merge")
+    first = reports[0]
+    for key in ("device", "torch", "cudnn_benchmark"):
+        seen = {str(r.get(key)) for r in reports}
+        if len(seen) > 1:
+            raise ResultsError(f"the reports differ in {key} ({', '.join(sorted(seen))}); merge only runs of one setup")
+    cases: dict[tuple[Any, Any, Any], Mapping[str, Any]] = {}
+    for r in reports:
+        for c in r["cases"]:
+            cases[(c.get("model"), c.get("batch"), c.get("cap_bytes"))] = c
+    out = {k: first[k] for k in ("kind", "schema", "device", "torch", "cudnn_benchmark") if k in first}
+    out["cases"] = list(cases.values())
+    out["oversized"] = [o for r in reports for o in r.get("oversized", [])]
+    if notes is not None or "notes" in first:
+        out["notes"] = notes if notes is not None else first["notes"]
+    return out
+
+
+def write_gpu_report(report: Mapping[str, Any], path: Path) -> None:
+    """The report as JSON at `path` and its table as markdown beside it."""
+    from .peers import CaseResult, markdown
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    path.with_suffix(".md").write_text(markdown([CaseResult.from_json(c) for c in report["cases"]]))
 
 
 def load_gpu_report(where: str | Path) -> Mapping[str, Any]:

@@ -279,6 +279,26 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
     console.print(f"report: {path}", highlight=False)
 
 
+@bench_group.command("gpu-merge")
+@click.argument("reports", nargs=-1, required=True, metavar="REPORT...")
+@click.option("--out", required=True, metavar="FILE", help="The merged report (JSON; its table beside it, .md).")
+@click.option("--notes", default=None, metavar="TEXT", help="The merged report's notes (default: the first's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the merged report as JSON.")
+@user_errors
+@_bench_errors
+def gpu_merge_cmd(reports: tuple[str, ...], out: str, notes: str | None, as_json: bool) -> None:
+    """Merge GPU comparison reports (files or results folders) of one device and setup into
+    one: a later report's case replaces an earlier one of the same model, batch and cap."""
+    from ..bench.gpu import load_gpu_report, merge_gpu_reports, write_gpu_report
+
+    merged = merge_gpu_reports([load_gpu_report(r) for r in reports], notes)
+    write_gpu_report(merged, Path(out))
+    if as_json:
+        emit_json(merged)
+        return
+    console.print(f"{len(merged['cases'])} case(s): {out}", highlight=False)
+
+
 @bench_group.command("summary")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR", help="Folder of run records.")
 @click.option("--json", "as_json", is_flag=True, help="Print the geometric-mean slowdowns as JSON.")
