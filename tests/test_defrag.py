@@ -230,3 +230,41 @@ def test_excess_over_the_plan_per_kernel(small) -> None:  # noqa: F811
     expected = np.zeros(len(peaks), dtype=np.int64)
     expected[3], expected[5] = 4096, -512
     assert excess.tolist() == expected.tolist()
+
+
+def test_probe_counts_allocator_retries_in_kernels_and_between_them(monkeypatch) -> None:
+    from autotm_py.runtime.defrag import _PeakProbe
+
+    calls = {"n": 0}
+
+    def stats():  # every query finds one more retry: each node run between two queries gets one
+        calls["n"] += 1
+        return {"num_alloc_retries": calls["n"]}
+
+    monkeypatch.setattr(torch.cuda, "memory_stats", stats)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 7)
+    g = fx.Graph()
+    x = g.placeholder("x")
+    k0 = g.call_function(torch.neg, (x,))
+    k0.meta["autotm_kernel"] = 0
+    move = g.call_function(torch.relu, (k0,))  # no kernel index: a move node of the rewrite
+    k1 = g.call_function(torch.exp, (move,))
+    k1.meta["autotm_kernel"] = 1
+    g.output(k1)
+    probe = _PeakProbe(fx.GraphModule(torch.nn.Module(), g), 2)
+    probe.run(torch.ones(3))
+    assert probe.retries.tolist() == [1, 1] and probe.retries_between == 1 and probe.peaks.tolist() == [7, 7]
+
+
+def test_where_the_allocator_retried() -> None:
+    from types import SimpleNamespace
+
+    from autotm_py.bench.peers import _retries_where
+
+    graph = SimpleNamespace(kernels=[SimpleNamespace(op=f"op{i}") for i in range(4)])
+    trace = MemoryTrace(np.zeros(4), None, retries=np.array([0, 3, 0, 1]), retries_between=2)
+    assert _retries_where(trace, graph) == {
+        "kernels": [{"kernel": 1, "op": "op1", "retries": 3}, {"kernel": 3, "op": "op3", "retries": 1}],
+        "in_kernels": 4, "between_kernels": 2}
+    assert _retries_where(None, graph) == {"error": "no trace"}

@@ -334,7 +334,21 @@ def _fitted_result(step: Any, plan: Any, x: torch.Tensor, y: torch.Tensor, cap: 
              "alloc_retries": retries, "bytes_moved": plan.bytes_moved, "moves": len(plan.moves),
              "unplanned_copies": stats.unplanned_copies if stats else None,
              "predicted_fast_peak": plan.peak_fast_bytes}
+    if retries:
+        extra["retries_where"] = _retries_where(cuda_trace(step, x, y, cap), step.graph)
+        log(f"  allocator retries: {extra['retries_where']}")
     return MethodResult(f"autotm {formulation}", "ok", secs, peak, plan.predicted_seconds, notes, extra)
+
+
+def _retries_where(trace: MemoryTrace | None, graph: Any, top: int = 20) -> dict[str, Any]:
+    """Where one traced step made the allocator free its cache: the kernels (most first) and
+    how many times outside them (the moves' buffers)."""
+    if trace is None or trace.retries is None:
+        return {"error": "no trace"}
+    order = [int(k) for k in np.argsort(-trace.retries, kind="stable")[:top] if trace.retries[k] > 0]
+    return {"kernels": [{"kernel": k, "op": graph.kernels[k].op if graph is not None else None,
+                         "retries": int(trace.retries[k])} for k in order],
+            "in_kernels": int(trace.retries.sum()), "between_kernels": trace.retries_between}
 
 
 def _refine_fitted(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor,

@@ -53,6 +53,9 @@ class MemoryTrace:
     # free device memory the allocator held at the failure, after freeing its cache, that the
     # request could not use (reserved minus allocated: fragmentation); None without a failure
     failed_held: int | None = None
+    # times the allocator had to free its cache outside the kernels (in the moves, whose copies
+    # allocate their buffers)
+    retries_between: int = 0
 
 
 _OOM_REQUEST = re.compile(r"Tried to allocate ([0-9.]+) (bytes|KiB|MiB|GiB)")
@@ -78,6 +81,7 @@ class _PeakProbe(StepInterpreter):
         self.current: int | None = None
         self.failed_need: int | None = None
         self.failed_held: int | None = None
+        self.retries_between = 0
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -94,7 +98,12 @@ class _PeakProbe(StepInterpreter):
     def _run_node(self, n: fx.Node) -> Any:
         k = n.meta.get("autotm_kernel") if n.op == "call_function" else None
         if k is None:
-            return super().run_node(n)
+            if n.op != "call_function":
+                return super().run_node(n)
+            before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+            out = super().run_node(n)  # a move: its copy's buffer is allocated here
+            self.retries_between += torch.cuda.memory_stats().get("num_alloc_retries", 0) - before
+            return out
         self.current = int(k)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
@@ -114,7 +123,8 @@ def kernel_memory_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torc
                                 catch=(torch.OutOfMemoryError,))
     failed = err is not None
     return MemoryTrace(probe.peaks.copy(), probe.current if failed else None, probe.retries.copy(),
-                       probe.failed_need if failed else None, probe.failed_held if failed else None)
+                       probe.failed_need if failed else None, probe.failed_held if failed else None,
+                       probe.retries_between)
 
 
 def offending_kernels(trace: MemoryTrace, limits: np.ndarray) -> tuple[np.ndarray, float]:
