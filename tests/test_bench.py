@@ -221,6 +221,11 @@ def test_gpu_reports_merge_case_by_case(tmp_path) -> None:
     assert merged["cases"][0] == shipped["cases"][0] and merged["notes"] == shipped["notes"]
     table = out.with_suffix(".md").read_text()
     assert "| | | autotm asynchronous | 1.234 s |" in table and table.count("| unconstrained |") == 5
+    # a report that names its allocator setting merges with an older one that does not
+    second["alloc_conf"] = "expandable_segments:True"
+    (b / "gpu_peers.json").write_text(json.dumps(second))
+    assert _bench("gpu-merge", str(a), str(tmp_path / "b"), "--out", str(out)).exit_code == 0
+    assert json.loads(out.read_text())["alloc_conf"] == "expandable_segments:True"
     # runs of another setup are refused, in one sentence
     second["cudnn_benchmark"] = True
     (b / "gpu_peers.json").write_text(json.dumps(second))

@@ -79,6 +79,7 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
                                 refine_seconds=refine_seconds, log=log))
         report = {"kind": GPU_KIND, "schema": GPU_SCHEMA, "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "cudnn_benchmark": cudnn_benchmark,
+                  "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                   "cases": [r.to_json() for r in results], "oversized": []}
         write_gpu_report(report, path)
     return path
@@ -92,15 +93,16 @@ def merge_gpu_reports(reports: list[Mapping[str, Any]], notes: str | None = None
     if not reports:
         raise ResultsError("give at least one GPU comparison report to merge")
     first = reports[0]
-    for key in ("device", "torch", "cudnn_benchmark"):
-        seen = {str(r.get(key)) for r in reports}
+    for key in ("device", "torch", "cudnn_benchmark", "alloc_conf"):
+        seen = {str(r[key]) for r in reports if key in r}  # an older report may not say
         if len(seen) > 1:
             raise ResultsError(f"the reports differ in {key} ({', '.join(sorted(seen))}); merge only runs of one setup")
     cases: dict[tuple[Any, Any, Any], Mapping[str, Any]] = {}
     for r in reports:
         for c in r["cases"]:
             cases[(c.get("model"), c.get("batch"), c.get("cap_bytes"))] = c
-    out = {k: first[k] for k in ("kind", "schema", "device", "torch", "cudnn_benchmark") if k in first}
+    out = {k: next(r[k] for r in reports if k in r) for k in ("kind", "schema", "device", "torch", "cudnn_benchmark",
+                                                             "alloc_conf") if any(k in r for r in reports)}
     out["cases"] = list(cases.values())
     out["oversized"] = [o for r in reports for o in r.get("oversized", [])]
     if notes is not None or "notes" in first:
