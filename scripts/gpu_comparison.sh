@@ -7,6 +7,9 @@
 #   bash scripts/gpu_comparison.sh
 #   CASES="vgg19:256:14.85GiB" OVERSIZED= SKIP_TESTS=1 bash scripts/gpu_comparison.sh
 #   CASES= KERNEL_TIMES= bash scripts/gpu_comparison.sh      # tests and the larger step only
+#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False CASES=vgg19:256:14.85GiB SKIP_TESTS=1 \
+#       OVERSIZED= KERNEL_TIMES= OUT_DIR=results/gpu-run-noexp bash scripts/gpu_comparison.sh
+#                                                           # another allocator setting (the reports say which)
 #
 # CASES: MODEL:BATCH:CAP words (CAP a fraction of the unconstrained peak or a size in GiB);
 # default the reference measurements' caps, first those the fragmentation-sized repair cut changes
