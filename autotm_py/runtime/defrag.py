@@ -221,11 +221,12 @@ def repair_limits(limits: np.ndarray, offending: np.ndarray, worst_ratio: float,
     `shortfall` and `fragmentation` as measured (offending_kernels, measured_shortfall,
     measured_fragmentation). A first repair (`repeats` 0) cuts windows around those kernels and
     then the whole step (step_cut); a repeated one (the plan solved after `repeats` earlier cuts
-    ran out of memory again) only the whole step, by more. On an H200 (DenseNet-201 batch 128 under 5.2 GiB, asynchronous
-    plans) window cuts alone moved the failure along the step, kernel 726, then 1028, 1061 and
-    1093, each past the window cut before it, until the retries ran out. A whole-step cut of
-    MAX_CUT on the second failure then fitted, but cost 4% (ResNet152 under 9.82 GiB) and 9%
-    (DenseNet201 under 13 GiB) more predicted time than the first plan."""
+    ran out of memory again) only the whole step, by more. On an H200 (DenseNet-201 batch 128
+    under 5.2 GiB, asynchronous plans) window cuts alone moved the failure along the step,
+    kernel 726, then 1028, 1061 and 1093, each past the window cut before it, until the retries
+    ran out. A whole-step cut of MAX_CUT on the second failure then fitted, but cost 4%
+    (ResNet152 under 9.82 GiB) and 9% (DenseNet201 under 13 GiB) more predicted time than the
+    first plan."""
     lim = np.asarray(limits, dtype=np.int64)
     if repeats == 0:
         lim = lowered_limits(lim, offending, worst_ratio)
