@@ -50,6 +50,7 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
       autotm run vgg19 --batch 16 --ratio 1:4 --formulation synchronous --slow-tier pmem:/mnt/pmem
       autotm optimize resnet50 --device cuda --budget 4GiB --out plan.json
       autotm run resnet50 --device cuda --plan plan.json
+      autotm run resnet50 --device cuda --budget 4GiB --formulation asynchronous --max-retries 3
     """
     import torch
 
