@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from autotm_py.bench.gpu import parse_case  # noqa: E402
-from autotm_py.bench.peers import _eager, _measure, _reset  # noqa: E402
+from autotm_py.bench.peers import _eager, _measure  # noqa: E402
 from autotm_py.graph import capture, zoo  # noqa: E402
 from autotm_py.optimizer import optimize  # noqa: E402
 from autotm_py.optimizer.limits import plan_workspace  # noqa: E402
@@ -39,6 +39,7 @@ from autotm_py.optimizer.plan import kernel_seconds  # noqa: E402
 from autotm_py.profiler import profile  # noqa: E402
 from autotm_py.runtime import compile as compile_plan  # noqa: E402
 from autotm_py.runtime import kernel_time_trace  # noqa: E402
+from autotm_py.runtime.fit import hold_device_memory  # noqa: E402
 from autotm_py.runtime.step import SEARCH_STEPS  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
     if st != "ok":
         print(f"  {label}: {st} (peak {pk / 2**30:.2f} GiB)", flush=True)
         return {"status": st}
-    _reset(run_cap)
+    hold_device_memory(run_cap)
     try:
         before = torch.cuda.memory_stats()
         got = kernel_time_trace(step, x, y)
@@ -71,7 +72,7 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
                      ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
         names = gpu_kernel_names(lambda: step(x, y))
     finally:
-        _reset(None)
+        hold_device_memory(None)
     ws = plan_workspace(graph, measured, plan)
     pred = np.array([0.0 if k.view else kernel_seconds(measured, k.index, plan.kernel_masks[k.index], int(ws[k.index]))
                      for k in graph.kernels])
@@ -148,7 +149,7 @@ def main() -> None:
     status, t_u, peak, _ = _measure(_eager(model, opt, x, y, "plain"), args.steps, x.device, None)
     args.cap = case.cap_bytes if case.cap_bytes is not None else int(case.cap_fraction * peak)
     del model, opt, x, y
-    _reset(None)
+    hold_device_memory(None)
     print(f"{args.case}: unconstrained {t_u:.3f} s, peak {peak / 2**30:.2f} GiB, cap {args.cap / 2**30:.2f} GiB",
           flush=True)
     report = {"case": args.case, "unconstrained_seconds": t_u, "cap": args.cap, "plans": {}}

@@ -103,10 +103,6 @@ def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, target)
 
 
-def _reset(cap_fraction: float | None) -> None:
-    hold_device_memory(cap_fraction)
-
-
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -124,7 +120,7 @@ def _measure(step: Callable[[], Any], steps: int, device: torch.device,
         ran[0] += 1
         return step()
 
-    _reset(cap)
+    hold_device_memory(cap)
     try:
         for _ in range(SEARCH_STEPS):  # warm-up: cuDNN's algorithm search under the cap retries by design
             counted()
@@ -141,7 +137,7 @@ def _measure(step: Callable[[], Any], steps: int, device: torch.device,
         return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", math.nan, 0, 0
     finally:
         torch.cuda.synchronize()
-        _reset(None)
+        hold_device_memory(None)
 
 
 def _eager(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -321,13 +317,13 @@ def _fitted_result(step: Any, plan: Any, x: torch.Tensor, y: torch.Tensor, cap: 
                    log: Callable[[str], None]) -> MethodResult:
     """The result of a planned step that fitted under the cap, with its stream breakdown (one
     more step) and what the plan predicted."""
-    _reset(cap / total)
+    hold_device_memory(cap / total)
     try:
         breakdown = stream_breakdown(lambda: step(x, y))
     except Exception as exc:  # noqa: BLE001 - a diagnostic; the result stands without it
         breakdown = {"error": str(exc).splitlines()[0][:200]}
     finally:
-        _reset(None)
+        hold_device_memory(None)
     log(f"  breakdown: {breakdown}")
     stats = step.move_stats
     extra = {"breakdown": breakdown, "predicted_all_fast_seconds": plan.all_fast_seconds,
@@ -356,11 +352,11 @@ def _refine_fitted(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.
                    seconds: float, attempts: list[dict[str, Any]], log: Callable[[str], None]) -> MethodResult:
     """`best` or, where refining the asynchronous `plan` that gave it finds a plan predicted
     faster and that plan fits and runs faster, that plan's result."""
-    if plan.async_candidates is None and plan.async_min_bytes is None:
-        return best  # no restriction shaped it: refining solves the same model
     t0 = time.perf_counter()
     refined = refine_asynchronous(graph, prof, plan, limit, seconds=seconds)
     solve = time.perf_counter() - t0
+    if refined is plan:
+        return best  # no restriction shaped it: there was nothing to refine
     if refined.predicted_seconds >= plan.predicted_seconds:
         attempts.append({"refine": True, "status": "nothing better", "solve_seconds": solve})
         log(f"  refine: nothing better than {plan.predicted_seconds:.3f} s in {solve:.0f} s")
@@ -464,7 +460,7 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
     # yet (save_on_cpu's pinned blocks stay in PyTorch's host cache: beside a child's pinned
     # slow tier they exceed the host's memory at ResNet152 batch 256); the peers then run
     # here, where only the unconstrained step chose cuDNN algorithms before them
-    _reset(None)
+    hold_device_memory(None)
     methods = []
     for form in formulations:
         methods.append(isolated_autotm_run(name, batch, form, cap, steps, time_limit, cache,
@@ -484,7 +480,7 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
                                     secs, pk))
         log(f"  {label}: {st}, {secs:.3f} s, peak {pk / 2**30:.2f} GiB")
     del model, opt, x, y
-    _reset(None)
+    hold_device_memory(None)
     result = CaseResult(name, batch, cap_fraction, cap, t_u, peak, t_f, t_b, h2d, d2h, lb, tuple(methods))
     del graph
     return result
@@ -564,7 +560,7 @@ def run_oversized(name: str, batch: int, budget: int, *, steps: int = 3, time_li
                    cudnn_benchmark=torch.backends.cudnn.benchmark)
     r = autotm_run(graph, prof, model, entry.lr, x, y, formulation, budget, total, steps, time_limit, log=log)
     del model, x, y
-    _reset(None)
+    hold_device_memory(None)
     ref, (rx,), ry = zoo.workload(name, reference_batch, device=device)
     opt = torch.optim.SGD(ref.parameters(), lr=entry.lr)
     _, t_ref, _, _ = _measure(_eager(ref, opt, rx, ry, "plain"), steps, device, None)
@@ -573,7 +569,7 @@ def run_oversized(name: str, batch: int, budget: int, *, steps: int = 3, time_li
     bw = min(prof.bandwidths.bandwidth(1 << 30, "read"), prof.bandwidths.bandwidth(1 << 30, "write"))
     lb = lower_bound(graph.peak_live_bytes, budget, t_f * scale, t_b * scale, bw)
     del ref, opt, rx, ry
-    _reset(None)
+    hold_device_memory(None)
     out = {
         "model": name, "batch": batch, "budget": budget, "predicted_peak": graph.peak_live_bytes,
         "status": r.status, "step_seconds": r.step_seconds, "peak_bytes": r.peak_bytes,
