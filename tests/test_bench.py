@@ -239,3 +239,28 @@ def test_out_of_memory_streak_counts_the_last_attempts_in_a_row() -> None:
     oom, ok = {"status": "out of memory"}, {"status": "ok"}
     assert _oom_streak([oom, ok]) == 0 and _oom_streak([oom]) == 1
     assert _oom_streak([oom, ok, oom, oom]) == 2 and _oom_streak([]) == 0
+
+
+def test_stream_breakdown_overlap_and_idle_by_hand() -> None:
+    from autotm_py.bench.peers import breakdown_from_events
+
+    def ev(cat: str, name: str, ts_us: float, dur_us: float) -> dict:
+        return {"cat": cat, "name": name, "ts": ts_us, "dur": dur_us}
+
+    # kernels over [0,40) and [60,100) µs; an H2D copy over [30,70), a D2H one over [120,130);
+    # a memset over [100,110) counts with the compute stream; host calls of two names
+    events = [ev("kernel", "k1", 0, 40), ev("kernel", "k2", 60, 40), ev("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 30, 40),
+              ev("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 120, 10), ev("gpu_memset", "Memset (Device)", 100, 10),
+              ev("cuda_runtime", "cudaMemcpyAsync", 0, 3), ev("cuda_runtime", "cudaMemcpyAsync", 50, 4),
+              ev("cuda_driver", "cuMemUnmap", 10, 20), ev("cpu_op", "aten::add", 0, 500)]
+    b = breakdown_from_events(events, top=1)
+    us = 1e-6
+    assert b["kernel_seconds"] == pytest.approx(80 * us) and b["other_copy_seconds"] == pytest.approx(10 * us)
+    assert b["h2d_seconds"] == pytest.approx(40 * us) and b["d2h_seconds"] == pytest.approx(10 * us)
+    assert b["gpu_span_seconds"] == pytest.approx(130 * us)
+    assert b["kernel_busy_seconds"] == pytest.approx(90 * us)  # [0,40) + [60,110)
+    assert b["copy_busy_seconds"] == pytest.approx(50 * us)
+    assert b["overlap_seconds"] == pytest.approx(20 * us)  # [30,40) + [60,70)
+    assert b["idle_seconds"] == pytest.approx(10 * us)  # [110,120)
+    assert b["host_calls"] == [["cuMemUnmap", pytest.approx(20 * us), 1]]
+    assert breakdown_from_events([])["gpu_span_seconds"] == 0.0

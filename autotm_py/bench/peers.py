@@ -191,36 +191,90 @@ def forward_backward_seconds(model: nn.Module, opt: torch.optim.Optimizer, x: to
     return median(fwd), median(bwd)
 
 
-def stream_breakdown(step: Callable[[], Any]) -> dict[str, float]:
-    """Where one step's GPU time goes, from a torch.profiler trace: seconds of compute kernels,
-    of host<->device copies, and the step's span on the GPU. When the planned step is slower
-    than predicted, this says whether its kernels ran slower than profiled or waited on copies."""
+def stream_breakdown(step: Callable[[], Any]) -> dict[str, Any]:
+    """Where one step's GPU time goes, from a torch.profiler trace (breakdown_from_events).
+    When the planned step is slower than predicted, this says whether its kernels ran slower
+    than profiled, waited on copies, or waited on the host."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as fh:
         prof.export_chrome_trace(fh.name)
         events = json.loads(Path(fh.name).read_text()).get("traceEvents", [])
-    out = {"kernel_seconds": 0.0, "h2d_seconds": 0.0, "d2h_seconds": 0.0, "other_copy_seconds": 0.0}
-    lo, hi = math.inf, -math.inf
+    return breakdown_from_events(events)
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(hi - lo for lo, hi in intervals)
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The intersection of two sorted unions of disjoint intervals."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def breakdown_from_events(events: list[dict[str, Any]], top: int = 6) -> dict[str, Any]:
+    """Seconds of compute kernels and of host<->device copies (sums over the trace's GPU
+    events), the step's span on the GPU, how long some kernel ran (`kernel_busy`), some copy
+    ran (`copy_busy`), both at once (`overlap`) and neither (`idle`: the GPU waited on the
+    host), and the host's CUDA API calls that took longest in all (`host_calls`: name,
+    seconds, count), where an allocator freeing its cache or pinning host memory shows."""
+    out: dict[str, Any] = {"kernel_seconds": 0.0, "h2d_seconds": 0.0, "d2h_seconds": 0.0,
+                           "other_copy_seconds": 0.0}
+    kernels, copies = [], []
+    calls: dict[str, list[float]] = {}
     for e in events:
         cat, dur = e.get("cat", ""), float(e.get("dur", 0.0)) * 1e-6
+        if cat in ("cuda_runtime", "cuda_driver"):
+            c = calls.setdefault(e.get("name", "?"), [0.0, 0])
+            c[0] += dur
+            c[1] += 1
+            continue
         if cat not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
-        lo, hi = min(lo, e["ts"] * 1e-6), max(hi, e["ts"] * 1e-6 + dur)
+        span = (e["ts"] * 1e-6, e["ts"] * 1e-6 + dur)
+        name = e.get("name", "")
         if cat == "kernel":
             out["kernel_seconds"] += dur
-        elif "HtoD" in e.get("name", ""):
-            out["h2d_seconds"] += dur
-        elif "DtoH" in e.get("name", ""):
-            out["d2h_seconds"] += dur
+            kernels.append(span)
+        elif "HtoD" in name or "DtoH" in name:
+            out["h2d_seconds" if "HtoD" in name else "d2h_seconds"] += dur
+            copies.append(span)
         else:
             out["other_copy_seconds"] += dur
-    out["gpu_span_seconds"] = hi - lo if hi > lo else 0.0
+            kernels.append(span)  # device-to-device copies and memsets occupy the compute stream
+    k, c = _union(kernels), _union(copies)
+    both = _union(kernels + copies)
+    out["gpu_span_seconds"] = both[-1][1] - both[0][0] if both else 0.0
+    out["kernel_busy_seconds"] = _length(k)
+    out["copy_busy_seconds"] = _length(c)
+    out["overlap_seconds"] = _length(_intersection(k, c))
+    out["idle_seconds"] = out["gpu_span_seconds"] - _length(both)
+    longest = sorted(calls.items(), key=lambda kv: -kv[1][0])[:top]
+    out["host_calls"] = [[name, round(sec, 6), int(n)] for name, (sec, n) in longest]
     return out
 
 
