@@ -42,14 +42,16 @@ def fit(graph: Graph, profile: Any, model: Any, inputs: Any, target: Any = None,
     """CUDA: a training step whose measured peak stays within `budget` bytes of device memory,
     and the record of how it was found: the plan is solved, run on `inputs` under the budget,
     and where the step runs out of memory or goes over (allocator fragmentation, workspaces),
-    repaired and solved again, up to `max_retries` times (autotm_py.runtime.fit). The model's
+    repaired and solved again, up to `max_retries` times (autotm_py.runtime.fit). Device
+    memory allocated when it is called that the step does not own stays out of the plan's
+    limit. The model's
     parameters and buffers and the optimizer's state are left as they were. Returns (step,
     fitted); raises runtime.fit.BudgetError where no plan fitted. `kwargs` go to compile."""
     import torch
 
     from .optimizer import optimize as _optimize
     from .runtime import compile as _compile
-    from .runtime.fit import cuda_stages, fit_step
+    from .runtime.fit import cuda_stages, fit_step, held_outside
 
     if graph.device != "cuda" or not torch.cuda.is_available():
         raise ValueError("fit holds a CUDA device to a budget: capture the graph with device='cuda' on a CUDA machine")
@@ -61,8 +63,9 @@ def fit(graph: Graph, profile: Any, model: Any, inputs: Any, target: Any = None,
     def make_step(plan: Any):
         return _compile(plan, model, optimizer, **kwargs)
 
+    held = held_outside(model, optimizer, (*inputs, target))
     return fit_step(solve, make_step, lambda mk: cuda_stages(mk, inputs, target, 1, budget), model, optimizer,
-                    budget, len(graph.kernels), max_retries)
+                    budget, len(graph.kernels), max_retries, held)
 
 
 __all__ = ["CaptureError", "Graph", "capture", "compile", "fit", "optimize", "profile", "zoo", "__version__"]

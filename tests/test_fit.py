@@ -14,7 +14,7 @@ from autotm_py.profiler import profile
 from autotm_py.runtime import compile as compile_plan
 from autotm_py.runtime import unplanned_step
 from autotm_py.runtime.defrag import MemoryTrace
-from autotm_py.runtime.fit import OK, OUT_OF_MEMORY, OVER, RunOutcome, _restore, _snapshot, fit_step, fit_to_budget
+from autotm_py.runtime.fit import OK, OUT_OF_MEMORY, OVER, BudgetError, RunOutcome, _restore, _snapshot, fit_step, fit_to_budget
 from autotm_py.runtime.step import spec_from_optimizer
 
 from .test_runtime import SMALL_PROBE, small  # noqa: F401 - the shared tiny CNN, its graph and profile
@@ -39,8 +39,8 @@ class _Stages:
     def trace(self, outcome):
         return self.traces.pop(0)
 
-    def fit(self, max_retries: int = 3):
-        return fit_to_budget(self.solve, self.run, self.trace, BUDGET, K, max_retries)
+    def fit(self, max_retries: int = 3, held: int = 0):
+        return fit_to_budget(self.solve, self.run, self.trace, BUDGET, K, max_retries, held=held)
 
 
 def _failed_at(kernel: int, need: int, held: int | None = None) -> MemoryTrace:
@@ -94,6 +94,18 @@ def test_gives_up_after_max_retries() -> None:
     assert not fitted.fits and fitted.resolves == 2 and "did not fit" in fitted.summary()
     with pytest.raises(ValueError, match="max_retries"):
         st.fit(max_retries=-1)
+
+
+def test_memory_held_outside_the_step_stays_out_of_every_limit() -> None:
+    # 1_000 of the 10_000 are held by the caller: the first solve gets 9_000; the measured peak
+    # (held included) 10_600 is 6% over the budget, no trace: every kernel 3% lower, 8_730
+    st = _Stages([RunOutcome(OK, 10_600), RunOutcome(OK, 9_950)], [None])
+    fitted = st.fit(held=1_000)
+    assert [int(lim[0]) for lim in st.limits] == [9_000, 8_730] and fitted.fits
+    assert fitted.held == 1_000 and "held outside the step" in fitted.summary()
+    assert "held outside" in _Stages([RunOutcome(OK, 9_999)], []).fit(held=10).summary()
+    with pytest.raises(BudgetError, match="leaves nothing of the budget"):
+        _Stages([], []).fit(held=BUDGET)
 
 
 def test_fits_at_once_without_a_note() -> None:

@@ -87,3 +87,31 @@ def test_cuda_fit_gives_a_step_within_the_budget(tmp_path) -> None:
         assert torch.cuda.max_memory_allocated() <= budget
     finally:
         hold_device_memory(None)
+
+
+def test_profiling_leaves_no_device_memory_allocated(tmp_path) -> None:
+    """Measuring kernels (cuBLAS among them, each CUDA-graph warm-up on a side stream) leaves
+    nothing allocated that a later step's budget would have to hold: after profiling
+    ResNet-50 batch 16 from an empty cache, 171 MB had stayed allocated on an H200."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10)).cuda()
+    x, y = torch.randn(64, 3, 32, 32, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    graph = capture(model, (x,), y, lr=0.01, device="cuda")
+    before = torch.cuda.memory_allocated()
+    profile(graph, device="cuda", cache=str(tmp_path / "k.sqlite"), progress=False)
+    assert torch.cuda.memory_allocated() == before
+
+
+def test_held_outside_counts_what_the_step_does_not_own() -> None:
+    from autotm_py.runtime.fit import held_outside
+
+    model = torch.nn.Linear(1024, 1024).cuda()
+    x = torch.randn(256, 1024, device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).sum().backward()
+    opt.step()  # momentum buffers: the optimizer's state, owned by the step
+    model.zero_grad(set_to_none=True)
+    base = held_outside(model, opt, (x,))
+    other = torch.empty(16 << 20, dtype=torch.uint8, device="cuda")  # the caller's own 16 MiB
+    assert held_outside(model, opt, (x,)) - base == other.numel()
+    assert held_outside(model, opt, (x, other)) == base

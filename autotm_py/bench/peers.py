@@ -373,6 +373,7 @@ def _fitted_result(step: Any, plan: Any, x: torch.Tensor, y: torch.Tensor, cap: 
     more step) and what the plan predicted."""
     hold_device_memory(cap / total)
     try:
+        step(x, y)  # hold_device_memory emptied the pinned host cache: refill it, untraced
         breakdown = stream_breakdown(lambda: step(x, y))
     except Exception as exc:  # noqa: BLE001 - a diagnostic; the result stands without it
         breakdown = {"error": str(exc).splitlines()[0][:200]}

@@ -173,7 +173,11 @@ def _fit_cuda(solve, net, lr: float, inputs, target, steps: int, budget: int, nu
     """runtime.fit.fit_to_budget with the CUDA stages; each outcome's payload is (the compiled
     step, its step times)."""
     from ..runtime import compile as compile_plan
-    from ..runtime.fit import cuda_stages, fit_to_budget
+    from ..runtime.fit import BudgetError, cuda_stages, fit_to_budget, held_outside
 
     run, trace = cuda_stages(lambda plan: compile_plan(plan, net, lr=lr), inputs, target, steps, budget)
-    return fit_to_budget(solve, run, trace, budget, num_kernels, max_retries)
+    try:
+        return fit_to_budget(solve, run, trace, budget, num_kernels, max_retries,
+                             held=held_outside(net, None, (*inputs, target)))
+    except BudgetError as exc:
+        raise UserError(str(exc)) from None

@@ -121,6 +121,18 @@ def _graph_of(fn: Callable[[], Any], n: int) -> "torch.cuda.CUDAGraph | None":
     return graph
 
 
+def release_cuda_state() -> None:
+    """Give back what measuring left allocated on the device: cuBLAS keeps a workspace per
+    stream it ran on, allocated through the caching allocator (each CUDA-graph warm-up runs
+    on a side stream drawn from PyTorch's pool), so after profiling ResNet-50 batch 16 on an
+    H200, 171 MB stayed allocated that no tensor held, and a step fitted to a budget in the
+    same process ran out of memory."""
+    torch.cuda.synchronize()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+
+
 def cuda_workspace(fn: Callable[[], Any]) -> int:
     """Device bytes a call needs beyond what it returns: its peak allocation minus what is
     still allocated once it is done (its outputs). cuDNN convolutions choose algorithms with

@@ -39,7 +39,7 @@ from . import bandwidth as bwmod
 from . import noworkspace
 from .cache import KernelCache, KernelRow
 from .fingerprint import device_fingerprint
-from .harness import ReplayError, TimingPolicy, out_variant, resolve_op, time_kernel
+from .harness import ReplayError, TimingPolicy, out_variant, release_cuda_state, resolve_op, time_kernel
 from .model import OptaneModel, storage_bytes
 from .tiers import ModelTier, TierError, open_slow_tier
 from .types import Bandwidths, KernelCost, Profile
@@ -195,6 +195,8 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
         if own_cache:
             kc.close()
         tier.close()
+        if device == "cuda":
+            release_cuda_state()
     # Other processes on the same cores inflate every timing (a 2-thread parallel region
     # waits a whole scheduler slice for a busy core): say so rather than hide it.
     busy1 = _cpu_busy()

@@ -52,6 +52,7 @@ class Fitted:
     plan: Plan
     outcome: RunOutcome
     attempts: tuple[Attempt, ...]
+    held: int = 0  # device bytes outside the step that every solve left room for
 
     @property
     def fits(self) -> bool:
@@ -63,12 +64,13 @@ class Fitted:
 
     def summary(self) -> str:
         """One line for a report: how many re-solves, and how far the limit came down."""
+        held = f"{self.held / 2**20:.1f} MiB of the budget held outside the step" if self.held else ""
         if not self.resolves:
-            return ""
+            return held
         cut = 1 - self.attempts[-1].limit / max(self.attempts[0].limit, 1)
         fitted = "fitted" if self.fits else "did not fit"
-        return (f"{self.resolves} re-solve(s) after the step went over the budget "
-                f"(lowest limit {cut:.1%} under it); the last plan {fitted}")
+        return "; ".join(n for n in (f"{self.resolves} re-solve(s) after the step went over the budget "
+                                     f"(lowest limit {cut:.1%} under it); the last plan {fitted}", held) if n)
 
 
 class BudgetError(RuntimeError):
@@ -77,12 +79,17 @@ class BudgetError(RuntimeError):
 
 def fit_to_budget(solve: Callable[[Any], Plan], run: Callable[[Plan], RunOutcome],
                   trace: Callable[[RunOutcome], MemoryTrace | None], budget: int, num_kernels: int,
-                  max_retries: int = 3, log: Callable[[str], None] | None = None) -> Fitted:
+                  max_retries: int = 3, log: Callable[[str], None] | None = None, held: int = 0) -> Fitted:
     """Solve at `budget`, run, and repair up to `max_retries` times; returns the last attempt
-    (the first that fitted, or the last that did not)."""
+    (the first that fitted, or the last that did not). `held`: device bytes allocated outside
+    the step for all of it (tensors the caller keeps, library workspaces; held_outside): they
+    count in the measured peak, so every solve leaves them room."""
     if max_retries < 0:
         raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
-    limits: Any = budget
+    if held >= budget:
+        raise BudgetError(f"{held} bytes of device memory are held outside the step, which leaves nothing "
+                          f"of the budget of {budget} bytes; free them or give a larger budget")
+    limits: Any = budget - held
     attempts: list[Attempt] = []
     failures_in_a_row = 0
     while True:
@@ -95,7 +102,7 @@ def fit_to_budget(solve: Callable[[Any], Plan], run: Callable[[Plan], RunOutcome
             log(f"attempt {len(attempts) - 1}: limit {lowest / 2**30:.2f} GiB -> {status}, "
                 f"peak {outcome.peak / 2**30:.2f} GiB")
         if status == OK or len(attempts) > max_retries:
-            return Fitted(plan, outcome, tuple(attempts))
+            return Fitted(plan, outcome, tuple(attempts), held)
         per_kernel = np.broadcast_to(np.asarray(limits, dtype=np.int64), (num_kernels,))
         overshoot = outcome.peak / budget - 1 if status == OVER else None
         repeats = failures_in_a_row if status == OUT_OF_MEMORY else 0
@@ -107,7 +114,7 @@ def fit_to_budget(solve: Callable[[Any], Plan], run: Callable[[Plan], RunOutcome
 def fit_step(solve: Callable[[Any], Plan], make_step: Callable[[Plan], PlannedStep],
              stages: Callable[[Callable[[Plan], PlannedStep]], tuple[Callable, Callable]], model: torch.nn.Module,
              optimizer: torch.optim.Optimizer | None, budget: int, num_kernels: int,
-             max_retries: int = 3) -> tuple[PlannedStep, Fitted]:
+             max_retries: int = 3, held: int = 0) -> tuple[PlannedStep, Fitted]:
     """(a fresh step of the plan that fitted `budget`, the record of the fitting), with
     `model`'s parameters and buffers and `optimizer`'s state as they were before: fitting runs
     training steps (`stages(make_step)` gives fit_to_budget's run and trace), and what they
@@ -115,12 +122,25 @@ def fit_step(solve: Callable[[Any], Plan], make_step: Callable[[Plan], PlannedSt
     saved = _snapshot(model, optimizer)
     try:
         run, trace = stages(make_step)
-        fitted = fit_to_budget(solve, run, trace, budget, num_kernels, max_retries)
+        fitted = fit_to_budget(solve, run, trace, budget, num_kernels, max_retries, held=held)
     finally:
         _restore(model, optimizer, saved)
     if not fitted.fits:
         raise BudgetError(f"no plan fitted the budget of {budget} bytes: {fitted.summary() or 'the step went over'}")
     return make_step(fitted.plan), fitted
+
+
+def held_outside(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, tensors: Any) -> int:
+    """Device bytes allocated now that the step will not own: all the caching allocator has
+    handed out less the storages of the model's parameters and buffers, the optimizer's state
+    and `tensors` (the step's inputs and target), which the plan counts itself."""
+    own: dict[int, int] = {}
+    state = [v for st in (optimizer.state.values() if optimizer is not None else ()) for v in st.values()]
+    for t in (*model.parameters(), *model.buffers(), *state, *tensors):
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            st = t.untyped_storage()
+            own[st.data_ptr()] = st.nbytes()
+    return max(0, torch.cuda.memory_allocated() - sum(own.values()))
 
 
 def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[list, dict]:
