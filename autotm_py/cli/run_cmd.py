@@ -43,7 +43,8 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
     On CUDA, a plan solved here runs with the caching allocator held to the budget; where the
     step runs out of memory or its measured peak goes over (fragmentation, workspaces the plan
     does not count), its memory is traced per kernel, the limits are lowered where it went over
-    and the plan is solved again (--max-retries), and the report says so.
+    and the plan is solved again (--max-retries), and the report says so. Device memory the
+    process holds outside the step when it starts stays out of the plan's limit.
 
     \b
     Examples:
@@ -116,7 +117,7 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
             plan, step = fitted.plan, fitted.outcome.payload[0]
             if not fitted.fits:
                 raise UserError(f"the step did not fit the budget {human_bytes(limit)}: "
-                                f"{fitted.summary() or 'it ran out of memory or went over'}; give a lower "
+                                f"{fitted.summary() or 'it ran out of memory or went over'}; give a larger "
                                 f"--budget or more --max-retries")
             times, fast_peak, notes = fitted.outcome.payload[1], fitted.outcome.peak, fitted.summary()
             resolves = fitted.resolves
