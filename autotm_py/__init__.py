@@ -44,9 +44,9 @@ def fit(graph: Graph, profile: Any, model: Any, inputs: Any, target: Any = None,
     and where the step runs out of memory or goes over (allocator fragmentation, workspaces),
     repaired and solved again, up to `max_retries` times (autotm_py.runtime.fit). Device
     memory allocated when it is called that the step does not own stays out of the plan's
-    limit. The model's
-    parameters and buffers and the optimizer's state are left as they were. Returns (step,
-    fitted); raises runtime.fit.BudgetError where no plan fitted. `kwargs` go to compile."""
+    limit. The model's parameters and buffers and the optimizer's state are left as they
+    were. Returns (step, fitted); raises runtime.fit.BudgetError where no plan fitted.
+    `kwargs` go to compile."""
     import torch
 
     from .optimizer import optimize as _optimize
