@@ -247,13 +247,18 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
               help="Once an asynchronous plan whose overlap candidates were restricted (large graphs) "
                    "fits, solve it again for up to S seconds with every candidate and run that too; "
                    "the faster one that fits counts.")
+@click.option("--arena", is_flag=True,
+              help="Also run each formulation with the planned arena for its device memory: a step "
+                   "recorded, laid out so that nothing live at once overlaps, and replayed within the "
+                   "cap (no allocator fragmentation; needs a C++ compiler).")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR",
               help="The report goes to DIR/gpu/gpu_peers.json (and .md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 @_bench_errors
 def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations: str, cudnn_benchmark: bool,
-            cache: str | None, retry_repairs: int, refine_seconds: float, results: str, as_json: bool) -> None:
+            cache: str | None, retry_repairs: int, refine_seconds: float, arena: bool, results: str,
+            as_json: bool) -> None:
     """The GPU comparison: autotm against save_on_cpu and checkpointing under a memory cap (Figure 12's
     counterpart)."""
     from ..bench.gpu import DEFAULT_CASES, parse_case, run_gpu
@@ -271,7 +276,7 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
     check_device("cuda")
     path = run_gpu(parsed, Path(results) / "gpu", steps=steps, time_limit=time_limit, formulations=forms,
                    cudnn_benchmark=cudnn_benchmark, cache=cache, retry_repairs=retry_repairs,
-                   refine_seconds=refine_seconds,
+                   refine_seconds=refine_seconds, arena=arena,
                    log=(lambda s: None) if as_json else (lambda s: console.print(s, highlight=False)))
     if as_json:
         click.echo(path.read_text())

@@ -1,0 +1,326 @@
+"""A planned device-memory arena: every allocation of the process carved out of one block, at
+offsets planned from a recorded step (the original's nGraph placed each tensor at an offset it
+planned; PyTorch's caching allocator does not).
+
+Why: under a cap the caching allocator fragments. On an H200 (VGG19 batch 256 under 14.85
+GiB, expandable segments) it freed its cache 11 times a step to serve requests the plan had
+left room for, and each time synchronized the streams: the GPU idled 0.123 s of a 0.589 s step
+and most copies ran unhidden. Without expandable segments the plans ran out of memory until
+the whole step was cut by 25%. A step whose allocations repeat, as a planned step's do, can
+instead be recorded once and then given a layout (`pack`) in which nothing that is live at the
+same time overlaps: no fragmentation by construction, and a layout that does not fit says by
+how many bytes (`Layout.top` against the budget) before the step runs.
+
+The allocator itself is C (arena.c, built with the system's compiler on first use) behind
+PyTorch's pluggable CUDA allocator (`install_cuda_arena`, which must run before anything else
+touches CUDA in the process; arena_torch.cpp turns a refused request into PyTorch's
+out-of-memory error). Its logic has no device in it, so `Arena` also runs over any
+address range: the tests drive it on a CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+ALIGN = 512  # as arena.c: every size and offset a multiple of it
+EV_ALLOC, EV_FREE, EV_FAIL = 1, 2, 3
+BLOCK = np.dtype([("off", np.int64), ("size", np.int64), ("serial", np.int64)])
+_SOURCE = Path(__file__).with_name("arena.c")
+
+
+class ArenaError(RuntimeError):
+    """The arena cannot be built or installed; the message is one sentence for the user."""
+
+
+def aligned(nbytes: int | np.ndarray) -> int | np.ndarray:
+    """`nbytes` rounded up as the arena rounds a request."""
+    return (np.maximum(nbytes, 1) + ALIGN - 1) // ALIGN * ALIGN
+
+
+def pack(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int],
+         obstacles: Sequence[tuple[int, int, int, int]] = ()) -> np.ndarray:
+    """Offsets for blocks live over [start, end) of `size` bytes such that no two live at the
+    same time overlap, and none overlaps an obstacle (offset, size, start, end) live with it.
+    Greedy by size: the largest first, each at the lowest offset free over its whole life."""
+    size = np.asarray(sizes, dtype=np.int64)
+    t0, t1 = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    m, n = len(obstacles), len(size)
+    lo = np.empty(m + n, dtype=np.int64)
+    hi, s0, s1 = np.empty_like(lo), np.empty_like(lo), np.empty_like(lo)
+    for j, (off, nb, a, b) in enumerate(obstacles):
+        lo[j], hi[j], s0[j], s1[j] = off, off + nb, a, b
+    count = m
+    offsets = np.empty(n, dtype=np.int64)
+    for i in np.lexsort((t0, -size)):
+        live = (s0[:count] < t1[i]) & (t0[i] < s1[:count])
+        off = 0
+        if live.any():
+            a, b = lo[:count][live], hi[:count][live]
+            order = np.argsort(a, kind="stable")
+            a, b = a[order], b[order]
+            reach = np.maximum.accumulate(b)
+            before = np.concatenate(([0], reach[:-1]))
+            fits = np.flatnonzero(a - before >= size[i])
+            off = int(before[fits[0]]) if len(fits) else int(reach[-1])
+        offsets[i] = off
+        lo[count], hi[count], s0[count], s1[count] = off, off + size[i], t0[i], t1[i]
+        count += 1
+    return offsets
+
+
+def live_peak(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int]) -> int:
+    """The most bytes live at once: no layout of these blocks spans less."""
+    if len(sizes) == 0:
+        return 0
+    t = np.concatenate([np.asarray(starts), np.asarray(ends)])
+    d = np.concatenate([np.asarray(sizes, dtype=np.int64), -np.asarray(sizes, dtype=np.int64)])
+    order = np.lexsort((d, t))  # at one time, frees (negative) before allocations
+    return int(np.max(np.cumsum(d[order])))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each allocation of a step goes, in the order the step makes them."""
+
+    sizes: np.ndarray  # bytes, as the arena rounds them
+    offsets: np.ndarray  # -1: a request that failed when recorded, failed again on replay
+    top: int  # how far into the arena the layout reaches (blocks live at the step's start included)
+    live_peak: int  # the most bytes live at once in the recorded step (no layout spans less)
+
+    @property
+    def overhead(self) -> float:
+        """How much more the layout spans than the bytes live at its peak."""
+        return self.top / self.live_peak - 1 if self.live_peak else 0.0
+
+
+def layout_from_log(events: np.ndarray, live_at_start: np.ndarray) -> Layout:
+    """A layout for the step the arena logged (`events`: rows of kind, serial, index in the
+    step, size, offset), around the blocks that were live when it began (which stay where they
+    are until the step frees them)."""
+    ev = np.asarray(events, dtype=np.int64).reshape(-1, 5)
+    horizon = len(ev)
+    freed = {int(s): t for t, s in enumerate(ev[:, 1]) if ev[t, 0] == EV_FREE}
+    requests = np.flatnonzero((ev[:, 0] == EV_ALLOC) | (ev[:, 0] == EV_FAIL))
+    index = ev[requests, 2]
+    if not np.array_equal(np.sort(index), np.arange(len(requests))):
+        raise ArenaError("the arena's log of the step is incomplete; give it a larger log")
+    sizes = np.empty(len(requests), dtype=np.int64)
+    sizes[index] = ev[requests, 3]
+    offsets = np.full(len(requests), -1, dtype=np.int64)
+    ok = requests[ev[requests, 0] == EV_ALLOC]
+    starts = ok
+    ends = np.array([freed.get(int(s), horizon) for s in ev[ok, 1]], dtype=np.int64)
+    obstacles = [(int(b["off"]), int(b["size"]), 0, freed.get(int(b["serial"]), horizon)) for b in live_at_start]
+    offsets[ev[ok, 2]] = pack(ev[ok, 3], starts, ends, obstacles)
+    tops = [o + nb for o, nb, _, _ in obstacles] + [int(o + nb) for o, nb in zip(offsets[ev[ok, 2]], ev[ok, 3])]
+    peak = live_peak(np.concatenate([[nb for _, nb, _, _ in obstacles], ev[ok, 3]]).astype(np.int64),
+                     np.concatenate([np.zeros(len(obstacles), dtype=np.int64), starts]),
+                     np.concatenate([[e for _, _, _, e in obstacles], ends]).astype(np.int64))
+    return Layout(sizes, offsets, max(tops, default=0), peak)
+
+
+MAX_LAYOUT_CUT = 0.25  # as defrag.MAX_STEP_CUT: a layout further over its budget is not repaired
+
+
+def layout_repair(limits: np.ndarray, layout: Layout, budget: int, margin: float = 0.005) -> tuple[np.ndarray, float]:
+    """(the next solve's per-kernel limits, the fraction they lost) after a recorded step's
+    layout reached `layout.top` > `budget`: every kernel lowered by the layout's overshoot
+    plus `margin`, at most MAX_LAYOUT_CUT. Unlike a failed allocation under the caching
+    allocator, the overshoot is measured whole, before the step runs out of anything."""
+    cut = min(MAX_LAYOUT_CUT, max(0.0, layout.top / budget - 1) + margin)
+    return np.floor(np.asarray(limits, dtype=np.int64) * (1 - cut)).astype(np.int64), cut
+
+
+@dataclass(frozen=True)
+class ArenaStats:
+    in_use: int  # bytes live now
+    peak_in_use: int  # the most bytes live at once since the step began
+    top: int  # how far into the arena any block reached since the step began
+    unplanned: int  # allocations of the step not at their planned offset (with a plan)
+    failures: int  # requests refused (a replayed failure included)
+    events: int  # log entries of the step
+    live: int  # blocks live now
+    lost_events: int  # events the full log could not hold
+    foreign_frees: int  # frees of addresses the arena never handed out
+
+
+def _build(source: Path, compiler: str | None, flags: list[str], deps: list[Path], cache_dir) -> Path:
+    """`source` compiled into a shared library, once per content of it and `deps` and `flags`
+    (kept in `cache_dir`, default AUTOTM_BUILD_DIR or the user's cache folder)."""
+    h = hashlib.sha256(" ".join(flags).encode())
+    for f in (source, *deps):
+        h.update(f.read_bytes())
+    folder = Path(cache_dir or os.environ.get("AUTOTM_BUILD_DIR")
+                  or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "autotm-py")
+    out = folder / f"{source.stem}-{h.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    if compiler is None:
+        raise ArenaError("the planned arena needs a C and C++ compiler (cc and c++, or CC= and CXX=) to build its allocator")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    r = subprocess.run([compiler, "-O2", "-Wall", "-Werror=return-type", "-shared", "-fPIC", "-o", tmp, str(source), *flags],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        os.unlink(tmp)
+        last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise ArenaError(f"building the arena's allocator from {source.name} failed: {last}")
+    os.replace(tmp, out)  # atomic: a concurrent build finds a whole library or none
+    return out
+
+
+def build_library(cache_dir: str | os.PathLike | None = None) -> Path:
+    """arena.c alone (the allocator's logic, no PyTorch in it): what `Arena` drives on any
+    machine."""
+    return _build(_SOURCE, os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"), [], [], cache_dir)
+
+
+def build_torch_library(cache_dir: str | os.PathLike | None = None) -> Path:
+    """arena_torch.cpp with arena.c, against this PyTorch's c10: the library PyTorch's
+    pluggable allocator loads (install_cuda_arena)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    libs = cpp_extension.library_paths()
+    flags = ["-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-I{_SOURCE.parent}", *(f"-I{d}" for d in cpp_extension.include_paths()),
+             *(f"-L{d}" for d in libs), *(f"-Wl,-rpath,{d}" for d in libs), "-lc10"]
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    return _build(_SOURCE.with_name("arena_torch.cpp"), cxx, flags, [_SOURCE], cache_dir)
+
+
+class Arena:
+    """The C arena over `cap` bytes at address `base` (on CUDA, the block install_cuda_arena
+    allocated). `limit`: the most bytes live at once (default `cap`); with a larger block than
+    the limit, a step is recorded as under an allocator of `limit` bytes that never fragments.
+    The library holds one arena per process: a new Arena over it starts afresh."""
+
+    def __init__(self, base: int, cap: int, *, limit: int | None = None, max_live: int = 1 << 16,
+                 log_events: int = 1 << 20, library: str | os.PathLike | None = None) -> None:
+        lib = ctypes.CDLL(str(library or build_library()))
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        lib.autotm_arena_attach.argtypes = [i64, i64, i64, i64]
+        lib.autotm_arena_set_limit.argtypes = [i64]
+        lib.autotm_arena_set_span.argtypes = [i64]
+        lib.autotm_arena_set_plan.argtypes = [p, p, i64]
+        lib.autotm_arena_live.restype = p
+        lib.autotm_arena_log.restype = p
+        lib.autotm_arena_stat.argtypes = [ctypes.c_int]
+        lib.autotm_arena_stat.restype = i64
+        lib.autotm_try_alloc.argtypes = [ctypes.c_size_t, ctypes.c_int, p]
+        lib.autotm_try_alloc.restype = p
+        lib.autotm_free.argtypes = [p, ctypes.c_size_t, ctypes.c_int, p]
+        if lib.autotm_arena_attach(base, cap, max_live, log_events) != 0:
+            raise ArenaError("the arena's bookkeeping could not be allocated")
+        self.lib, self.base, self.cap = lib, base, cap
+        # views of the C side's own buffers (they live as long as the process)
+        self._live = np.frombuffer((ctypes.c_char * (BLOCK.itemsize * max_live)).from_address(lib.autotm_arena_live()),
+                                   dtype=BLOCK)
+        self._log = np.frombuffer((ctypes.c_char * (40 * log_events)).from_address(lib.autotm_arena_log()),
+                                  dtype=np.int64).reshape(log_events, 5)
+        self._live_at_start = self._live[:0].copy()
+        if limit is not None:
+            self.set_limit(limit)
+
+    @property
+    def library(self) -> str:
+        return self.lib._name
+
+    def stats(self) -> ArenaStats:
+        s = [self.lib.autotm_arena_stat(i) for i in range(9)]
+        return ArenaStats(*s)
+
+    def begin_step(self) -> None:
+        """A step begins: its allocations count from the first again, with a fresh log."""
+        self._live_at_start = self._live[:self.lib.autotm_arena_stat(6)].copy()
+        self.lib.autotm_arena_begin_step()
+
+    def events(self) -> np.ndarray:
+        """The step's log so far (a copy): rows of kind, serial, index, size, offset."""
+        return self._log[:self.lib.autotm_arena_stat(5)].copy()
+
+    def layout(self) -> Layout:
+        """A layout for the step just logged (layout_from_log)."""
+        if self.lib.autotm_arena_stat(7):
+            raise ArenaError("the arena's log overflowed during the step; give it more log_events")
+        return layout_from_log(self.events(), self._live_at_start)
+
+    def set_plan(self, layout: Layout | None) -> None:
+        """Replay `layout` in the steps from the next one on (None: no plan)."""
+        if layout is None:
+            self.lib.autotm_arena_set_plan(None, None, 0)
+            return
+        sizes = np.ascontiguousarray(layout.sizes, dtype=np.int64)
+        offsets = np.ascontiguousarray(layout.offsets, dtype=np.int64)
+        if self.lib.autotm_arena_set_plan(sizes.ctypes.data, offsets.ctypes.data, len(sizes)) != 0:
+            raise ArenaError(f"the arena could not keep a plan of {len(sizes)} allocations")
+
+    def set_limit(self, limit: int) -> None:
+        """At most `limit` bytes live at once from now on (at most the block's size)."""
+        self.lib.autotm_arena_set_limit(limit)
+
+    def set_span(self, span: int) -> None:
+        """Every allocation from now on within the block's first `span` bytes: where a layout
+        fits a budget, replaying it with span = budget keeps the step's footprint honest."""
+        self.lib.autotm_arena_set_span(span)
+
+    def alloc(self, nbytes: int) -> int | None:
+        """An allocation as PyTorch makes it: the address, or None where refused."""
+        return self.lib.autotm_try_alloc(nbytes, 0, None)
+
+    def free(self, address: int) -> None:
+        self.lib.autotm_free(address, 0, 0, None)
+
+
+def _cuda_driver() -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        raise ArenaError("the planned arena needs the CUDA driver (libcuda.so.1), which this machine lacks") from None
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        raise ArenaError(f"the CUDA driver refused {what} (error {result})")
+
+
+def install_cuda_arena(nbytes: int | None = None, *, limit: int | None = None, reserve: int = 2 << 30,
+                       **kwargs) -> Arena:
+    """Make the planned arena PyTorch's allocator for CUDA device 0 of this process: one block
+    of `nbytes` (default: all the device's free memory but `reserve`, which cuDNN, cuBLAS and
+    the CUDA context allocate outside PyTorch), with at most `limit` bytes live at once. Must
+    run before anything in the process initializes CUDA through PyTorch; PyTorch's memory
+    statistics (`torch.cuda.memory_allocated` and the like) are not available afterwards:
+    `Arena.stats` stands for them."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        raise ArenaError("install the planned arena before anything in this process uses CUDA")
+    drv = _cuda_driver()
+    _check(drv.cuInit(0), "initialisation")
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    _check(drv.cuDeviceGet(ctypes.byref(dev), 0), "device 0")
+    _check(drv.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "its primary context")
+    _check(drv.cuCtxSetCurrent(ctx), "making that context current")
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    _check(drv.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)), "a memory query")
+    size = int(nbytes if nbytes is not None else free.value - reserve) // ALIGN * ALIGN
+    if size <= 0 or size > free.value:
+        raise ArenaError(f"an arena of {size} bytes cannot be had: the device has {free.value} bytes free")
+    ptr = ctypes.c_uint64()
+    _check(drv.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(size)), f"an arena of {size} bytes")
+    arena = Arena(ptr.value, size, limit=limit, library=build_torch_library(), **kwargs)
+    pluggable = torch.cuda.memory.CUDAPluggableAllocator(arena.library, "autotm_alloc", "autotm_free")
+    torch.cuda.memory.change_current_allocator(pluggable)
+    return arena

@@ -1,0 +1,218 @@
+"""The planned arena: its packing against a brute-force optimum, and the C allocator driven on
+a CPU over a made-up address range (it never touches the memory it hands out)."""
+
+import itertools
+import shutil
+
+import numpy as np
+import pytest
+
+from autotm_py.runtime.arena import (ALIGN, EV_ALLOC, EV_FREE, Arena, ArenaError, aligned, build_library,
+                                     layout_from_log, live_peak, pack)
+
+U = ALIGN  # one unit of the examples
+BASE = 1 << 40
+
+
+def _conflicts(offsets, sizes, starts, ends) -> list[tuple[int, int]]:
+    bad = []
+    for i, j in itertools.combinations(range(len(sizes)), 2):
+        if starts[i] < ends[j] and starts[j] < ends[i] and offsets[i] < offsets[j] + sizes[j] \
+                and offsets[j] < offsets[i] + sizes[i]:
+            bad.append((i, j))
+    return bad
+
+
+def _optimum(sizes, starts, ends) -> int:
+    """The least span of any layout: every layout is matched or beaten by placing the blocks
+    at their lowest free offset in some order (in the order of its offsets, each lands at or
+    below its own), so the best over all orders is the optimum."""
+    best = None
+    for order in itertools.permutations(range(len(sizes))):
+        placed: list[tuple[int, int, int, int]] = []
+        top = 0
+        for i in order:
+            off = 0
+            for lo, hi in sorted((o, o + s) for o, s, a, b in placed if a < ends[i] and starts[i] < b):
+                if lo - off >= sizes[i]:
+                    break
+                off = max(off, hi)
+            placed.append((off, sizes[i], starts[i], ends[i]))
+            top = max(top, off + sizes[i])
+        best = top if best is None else min(best, top)
+    return best
+
+
+def test_pack_by_hand_against_the_optimum() -> None:
+    # A 4 over [0,2), B 2 over [1,3), C 2 over [2,4), D 4 over [3,5): at most 6 live at once.
+    # Greedy by size puts A and D at 0, B at 4 and C on top (8); the optimum puts C at 0 and
+    # D at 2, spanning 6, the live peak.
+    sizes, starts, ends = [4, 2, 2, 4], [0, 1, 2, 3], [2, 3, 4, 5]
+    off = pack(sizes, starts, ends)
+    assert off.tolist() == [0, 4, 6, 0] and not _conflicts(off, sizes, starts, ends)
+    assert live_peak(sizes, starts, ends) == 6 and _optimum(sizes, starts, ends) == 6
+
+
+def test_pack_is_valid_and_no_better_than_the_optimum_on_random_blocks() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        n = int(rng.integers(2, 7))
+        sizes = rng.integers(1, 6, n).tolist()
+        starts = rng.integers(0, 8, n).tolist()
+        ends = [s + int(rng.integers(1, 5)) for s in starts]
+        off = pack(sizes, starts, ends)
+        top = max(o + s for o, s in zip(off, sizes))
+        assert not _conflicts(off, sizes, starts, ends)
+        assert top >= _optimum(sizes, starts, ends) >= live_peak(sizes, starts, ends)
+
+
+def test_pack_keeps_clear_of_obstacles_while_they_live() -> None:
+    # an obstacle of 3 at offset 0 until time 2: a block of 2 over [1,4) goes above it, one
+    # over [2,4) (after the obstacle is gone) at 0
+    off = pack([2, 2], [1, 2], [4, 4], obstacles=[(0, 3, 0, 2)])
+    assert off.tolist() == [3, 0]
+
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
+
+
+@pytest.fixture()
+def lib(tmp_path):
+    return build_library(tmp_path)
+
+
+def _run(arena: Arena, program) -> dict[str, int]:
+    """Run a step given as ("a", name, units) and ("f", name) operations; the addresses by name."""
+    arena.begin_step()
+    addr: dict[str, int] = {}
+    for op in program:
+        if op[0] == "a":
+            addr[op[1]] = arena.alloc(op[2] * U)
+        else:
+            arena.free(addr[op[1]])
+    return addr
+
+
+# A 2, B 2, C 2, A and C freed, then D 4 while B lives; B, D freed. Under first fit with 6
+# units, D finds only two holes of 2 and fails; its layout needs just 6.
+FRAGMENTING = [("a", "A", 2), ("a", "B", 2), ("a", "C", 2), ("f", "A"), ("f", "C"), ("a", "D", 4), ("f", "B"), ("f", "D")]
+
+
+@needs_cc
+def test_first_fit_fragments_where_the_planned_layout_fits(lib) -> None:
+    tight = Arena(BASE, 6 * U, library=lib)
+    addr = _run(tight, FRAGMENTING)
+    assert addr["D"] is None and tight.stats().failures == 1
+
+    # recorded in a block of 12 units with at most 6 live: an allocator of 6 that never fragments
+    arena = Arena(BASE, 12 * U, limit=6 * U, library=lib)
+    addr = _run(arena, FRAGMENTING)
+    assert [addr[k] - BASE for k in "ABCD"] == [0, 2 * U, 4 * U, 4 * U]
+    st = arena.stats()
+    assert (st.failures, st.peak_in_use, st.top, st.in_use, st.live) == (0, 6 * U, 8 * U, 0, 0)
+    ev = arena.events()
+    assert ev[:, 0].tolist() == [EV_ALLOC] * 3 + [EV_FREE] * 2 + [EV_ALLOC] + [EV_FREE] * 2
+    lay = arena.layout()
+    # by size: D at 0; A (starts first) at 0, B above both at 4, C between them at 2
+    assert lay.offsets.tolist() == [0, 4 * U, 2 * U, 0] and lay.top == 6 * U and lay.live_peak == 6 * U
+    assert lay.overhead == 0.0
+
+    arena.set_plan(lay)
+    arena.set_span(6 * U)  # the layout fits 6 units: replayed, the step stays within them
+    addr = _run(arena, FRAGMENTING)
+    assert [addr[k] - BASE for k in "ABCD"] == lay.offsets.tolist()
+    st = arena.stats()
+    assert (st.unplanned, st.failures, st.top) == (0, 0, 6 * U)
+    # requests the plan does not know, with the limit out of the way: A and C were neighbours,
+    # so 3 units fit below B; 5 do not fit below the span and are refused, though the block
+    # has 6 free above it
+    arena.set_limit(12 * U)
+    start = [("a", "A", 2), ("a", "B", 2), ("a", "C", 2), ("f", "A"), ("f", "C")]
+    addr = _run(arena, start + [("a", "E", 3), ("f", "B"), ("f", "E")])
+    assert addr["E"] == BASE + U and arena.stats().unplanned == 1
+    addr = _run(arena, start + [("a", "F", 5)])
+    assert addr["F"] is None and arena.stats().failures == 1 and arena.stats().foreign_frees == 0
+
+
+@needs_cc
+def test_replay_repeats_a_recorded_failure_and_serves_the_unplanned_from_the_top(lib) -> None:
+    arena = Arena(BASE, 8 * U, limit=4 * U, library=lib)
+    # X 3 then Y 2 (over the limit of 4: refused), X freed, Z 1
+    program = [("a", "X", 3), ("a", "Y", 2), ("f", "X"), ("a", "Z", 1), ("f", "Z")]
+    addr = _run(arena, program)
+    assert addr["Y"] is None and arena.stats().failures == 1
+    lay = arena.layout()
+    assert lay.offsets.tolist() == [0, -1, 0] and lay.sizes.tolist() == [3 * U, 2 * U, U]
+    arena.set_limit(8 * U)  # the plan alone decides now: Y is refused again though it has room
+    arena.set_plan(lay)
+    addr = _run(arena, program)
+    assert addr["Y"] is None and addr["Z"] == BASE and arena.stats().unplanned == 0
+    # a request of another size than planned: the highest gap, counted as unplanned
+    addr = _run(arena, [("a", "X", 3), ("a", "W", 1)])
+    assert addr["W"] == BASE + 7 * U and arena.stats().unplanned == 1
+
+
+@needs_cc
+def test_blocks_live_across_steps_stay_where_they_are(lib) -> None:
+    arena = Arena(BASE, 16 * U, library=lib)
+    keep = arena.alloc(2 * U)  # a parameter, say: lives through every step
+    addr = _run(arena, [("a", "T", 3), ("f", "T")])
+    assert keep == BASE and addr["T"] == BASE + 2 * U
+    lay = arena.layout()
+    assert lay.offsets.tolist() == [2 * U] and lay.top == 5 * U and lay.live_peak == 5 * U
+    arena.free(BASE + 3 * U)  # not an address it handed out
+    st = arena.stats()
+    assert st.foreign_frees == 1 and st.in_use == 2 * U and st.live == 1
+
+
+@needs_cc
+def test_an_incomplete_log_is_refused(lib) -> None:
+    arena = Arena(BASE, 16 * U, library=lib, log_events=2)
+    _run(arena, [("a", "A", 1), ("a", "B", 1), ("a", "C", 1)])
+    assert arena.stats().lost_events == 1
+    with pytest.raises(ArenaError, match="overflowed"):
+        arena.layout()
+    ev = np.array([[EV_ALLOC, 0, 1, U, 0]])  # index 1 without index 0
+    with pytest.raises(ArenaError, match="incomplete"):
+        layout_from_log(ev, np.zeros(0, dtype=[("off", "i8"), ("size", "i8"), ("serial", "i8")]))
+
+
+def test_aligned_rounds_as_the_arena_does() -> None:
+    assert aligned(1) == U and aligned(U) == U and aligned(U + 1) == 2 * U and aligned(0) == U
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_the_torch_allocator_library_builds_and_shares_the_arena(tmp_path) -> None:
+    import ctypes
+
+    from autotm_py.runtime.arena import build_torch_library
+
+    path = build_torch_library(tmp_path)
+    assert build_torch_library(tmp_path) == path  # built once
+    lib = ctypes.CDLL(str(path))
+    assert lib.autotm_alloc and lib.autotm_free and lib.autotm_try_alloc
+    arena = Arena(BASE, 4 * U, library=path)  # the arena's logic behind the allocator PyTorch calls
+    assert arena.alloc(U) == BASE and arena.alloc(4 * U) is None
+
+
+def test_layout_repair_cuts_by_the_measured_overshoot() -> None:
+    from autotm_py.runtime.arena import Layout, layout_repair
+
+    lay = Layout(np.array([U]), np.array([0]), top=10_300, live_peak=10_100)
+    lim, cut = layout_repair(np.full(4, 10_000), lay, 10_000)  # 3% over: 3.5% off every kernel
+    assert cut == pytest.approx(0.035) and lim.tolist() == [9_650] * 4
+    assert layout_repair(np.full(2, 10_000), Layout(lay.sizes, lay.offsets, 20_000, 20_000), 10_000)[1] == 0.25
+
+
+@needs_cc
+def test_replay_stays_on_plan_when_a_request_is_dropped_or_added(lib) -> None:
+    arena = Arena(BASE, 64 * U, library=lib)
+    program = [("a", "P", 1), ("a", "Q", 2), ("a", "R", 3), ("a", "S", 4), ("f", "P"), ("f", "Q"), ("f", "R"), ("f", "S")]
+    _run(arena, program)
+    lay = arena.layout()
+    planned = dict(zip("PQRS", lay.offsets.tolist()))
+    arena.set_plan(lay)
+    # Q no longer requested, an unknown X of 5 before R: P, R and S still land where planned
+    addr = _run(arena, [("a", "P", 1), ("a", "X", 5), ("a", "R", 3), ("a", "S", 4)])
+    assert {k: addr[k] - BASE for k in "PRS"} == {k: planned[k] for k in "PRS"}
+    assert addr["X"] == BASE + 59 * U and arena.stats().unplanned == 1
