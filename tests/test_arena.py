@@ -216,3 +216,29 @@ def test_replay_stays_on_plan_when_a_request_is_dropped_or_added(lib) -> None:
     addr = _run(arena, [("a", "P", 1), ("a", "X", 5), ("a", "R", 3), ("a", "S", 4)])
     assert {k: addr[k] - BASE for k in "PRS"} == {k: planned[k] for k in "PRS"}
     assert addr["X"] == BASE + 59 * U and arena.stats().unplanned == 1
+
+
+@needs_cc
+def test_a_captured_step_lays_out_at_its_live_peak(lib) -> None:
+    """allocation_program follows the graph's liveness: its most bytes live at once are the
+    graph's peak (up to the arena's rounding); first fit spans at least that much and the
+    layout of it replays with nothing off plan. With a plan, only what the plan keeps fast."""
+    from autotm_py.graph import capture, zoo
+    from autotm_py.optimizer import optimize
+    from autotm_py.optimizer.roofline import roofline_profile
+    from autotm_py.runtime.arena import allocation_program, replay_program
+
+    model, (x,), y = zoo.workload("vgg19", 2)
+    graph = capture(model, (x,), y, lr=0.01)
+    plan = optimize(graph, roofline_profile(graph), formulation="synchronous", ratio="1:1", time_limit=60)
+    for p, peak in ((None, graph.peak_live_bytes), (plan, plan.peak_fast_bytes)):
+        program = allocation_program(graph, p)
+        arena = Arena(BASE, 2 * sum(n for op, _, n in program if op == "a"), library=lib)
+        replay_program(arena, program)
+        first_fit = arena.stats().top
+        lay = arena.layout()
+        assert peak <= lay.live_peak <= peak + ALIGN * len(program) and lay.live_peak <= lay.top <= first_fit
+        arena.set_plan(lay)
+        arena.set_span(lay.top)
+        replay_program(arena, program)
+        assert arena.stats().unplanned == 0 and arena.stats().top == lay.top

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -152,6 +152,53 @@ class ArenaStats:
     live: int  # blocks live now
     lost_events: int  # events the full log could not hold
     foreign_frees: int  # frees of addresses the arena never handed out
+
+
+def allocation_program(graph: Any, plan: Any = None) -> list[tuple[str, int, int]]:
+    """A step's allocations from the captured graph's liveness, in the order its generated code
+    makes them: ("a", block, bytes) and ("f", block, 0). Before the first kernel the state that
+    outlives the step; at each kernel its new storages, then those whose last reader it was. One
+    block per storage or, with a plan, per stretch of kernels the plan keeps it in fast memory
+    (a kernel's workspace is left out). For sizing a layout without running the step."""
+    from ..optimizer.plan import fast_intervals
+
+    end = len(graph.kernels)
+    blocks: list[tuple[int, int, int]] = []  # (first kernel, last kernel, bytes); -1: from before the step
+    if plan is None:
+        blocks = [(-1, end, t.nbytes) if t.fixed else (t.first, t.last, t.nbytes) for t in graph.tensors]
+    else:
+        for tp in plan.tensors:
+            t = graph.tensors[tp.storage]
+            for a, b in fast_intervals(graph, tp):
+                whole = t.fixed and (a, b) == (t.first, t.last)
+                blocks.append((-1, end, t.nbytes) if whole else (a, b, t.nbytes))
+    born: dict[int, list[int]] = {}
+    dies: dict[int, list[int]] = {}
+    for i, (a, b, _) in enumerate(blocks):
+        born.setdefault(a, []).append(i)
+        dies.setdefault(b, []).append(i)
+    program = [("a", i, blocks[i][2]) for i in born.get(-1, ())]
+    for k in range(end):
+        program += [("a", i, blocks[i][2]) for i in born.get(k, ())]
+        program += [("f", i, 0) for i in dies.get(k, ())]
+    return program
+
+
+def replay_program(arena: "Arena", program: list[tuple[str, int, int]]) -> None:
+    """Run `program` (allocation_program) through `arena` as one step; what outlives the step
+    is freed after it. Raises ArenaError where a request is refused."""
+    arena.begin_step()
+    addr: dict[int, int] = {}
+    for op, ident, nbytes in program:
+        if op == "a":
+            a = arena.alloc(nbytes)
+            if a is None:
+                raise ArenaError(f"the arena refused {nbytes} bytes")
+            addr[ident] = a
+        else:
+            arena.free(addr.pop(ident))
+    for a in addr.values():
+        arena.free(a)
 
 
 def _build(source: Path, compiler: str | None, flags: list[str], deps: list[Path], cache_dir) -> Path:
