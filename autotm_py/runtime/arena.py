@@ -129,7 +129,7 @@ def layout_from_log(events: np.ndarray, live_at_start: np.ndarray) -> Layout:
     return Layout(sizes, offsets, max(tops, default=0), peak)
 
 
-MAX_LAYOUT_CUT = 0.25  # as defrag.MAX_STEP_CUT: a layout further over its budget is not repaired
+MAX_LAYOUT_CUT = 0.25  # the most one repair takes off every limit (as defrag.MAX_STEP_CUT)
 
 
 def layout_repair(limits: np.ndarray, layout: Layout, budget: int, margin: float = 0.005) -> tuple[np.ndarray, float]:
