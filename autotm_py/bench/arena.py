@@ -23,6 +23,9 @@ from ..runtime.step import SEARCH_STEPS, median
 from .peers import MethodResult, stream_breakdown
 
 METHOD_SUFFIX = " (planned arena)"
+# a recording that had more than the cap live at once: the plan's count fell short by an
+# unknown amount (no layout was made); the next solve gets every limit this much lower
+OUT_OF_MEMORY_CUT = 0.05
 
 
 def _steps(arena: Arena, step: Callable[[], Any], n: int) -> list[float]:
@@ -66,8 +69,9 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
             attempts.append({"limit": lowest, "status": "out of memory", "error": str(exc).splitlines()[0][:300],
                              "predicted_seconds": plan.predicted_seconds})
             per_kernel = np.broadcast_to(np.asarray(limits, dtype=np.int64), (len(graph.kernels),))
-            limits = np.floor(per_kernel * 0.95).astype(np.int64)
-            log(f"  arena {formulation} attempt {attempt}: more than the cap live at once; lowered 5%")
+            limits = np.floor(per_kernel * (1 - OUT_OF_MEMORY_CUT)).astype(np.int64)
+            log(f"  arena {formulation} attempt {attempt}: more than the cap live at once; "
+                f"lowered {OUT_OF_MEMORY_CUT:.0%}")
             continue
         layout = arena.layout()
         rec = arena.stats()
