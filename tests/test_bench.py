@@ -150,8 +150,9 @@ def test_bench_gpu_without_cuda() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = _bench("gpu", "--case", "vgg19:256:0.5")
-    assert r.exit_code == 2 and "no usable CUDA device" in r.output and "Traceback" not in r.output
+    for extra in ((), ("--arena",)):
+        r = _bench("gpu", "--case", "vgg19:256:0.5", *extra)
+        assert r.exit_code == 2 and "no usable CUDA device" in r.output and "Traceback" not in r.output
 
 
 def test_plot_bad_results(tmp_path) -> None:
