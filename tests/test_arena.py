@@ -242,3 +242,16 @@ def test_a_captured_step_lays_out_at_its_live_peak(lib) -> None:
         arena.set_span(lay.top)
         replay_program(arena, program)
         assert arena.stats().unplanned == 0 and arena.stats().top == lay.top
+
+
+def test_installing_without_a_cuda_driver_says_so() -> None:
+    import ctypes.util
+
+    import torch
+
+    from autotm_py.runtime.arena import install_cuda_arena
+
+    if torch.cuda.is_available() or ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has a CUDA driver: installing would replace this process's allocator")
+    with pytest.raises(ArenaError, match="CUDA driver"):
+        install_cuda_arena(1 << 20)
