@@ -118,33 +118,26 @@ def test_held_outside_counts_what_the_step_does_not_own() -> None:
 
 
 _ARENA_CHILD = r"""
-import copy, json, sys
+import json, sys
 import torch
 from autotm_py.runtime.arena import install_cuda_arena
-cache, budget = sys.argv[1], int(sys.argv[2])
+cache, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 arena = install_cuda_arena(limit=budget)
 from autotm_py.bench.arena import arena_autotm_run
 from autotm_py.graph import capture, zoo
 from autotm_py.profiler import profile
-from autotm_py.runtime import unplanned_step
-from autotm_py.runtime.step import spec_from_optimizer
 torch.backends.cudnn.deterministic = True
 entry = zoo.get("resnet50")
 model, (x,), y = zoo.workload("resnet50", 16, device="cuda")
-ref = copy.deepcopy(model)
 graph = capture(model, (x,), y, lr=entry.lr, device="cuda")
 prof = profile(graph, device="cuda", cache=cache, progress=False)
 r = arena_autotm_run(arena, graph, prof, model, entry.lr, x, y, "asynchronous", budget, steps=1, time_limit=120)
 attempts = r.extra["attempts"]
-base = unplanned_step(ref, spec_from_optimizer(None, entry.lr, "cross_entropy"), (x,), y)
-# as many steps as the planned model took: per attempt 2 search steps and the recording, then
-# 2 replays (one warm-up, one timed) and the breakdown's
-for _ in range(3 * len(attempts) + 3):
-    base()
-torch.cuda.synchronize()
-err = max(float((p - q).abs().max()) for p, q in zip(model.parameters(), ref.parameters()))
+torch.save([p.detach().cpu() for p in model.parameters()], out)
+# the steps the model took: per attempt 2 search steps and the recording, then 2 replays (one
+# warm-up, one timed) and the breakdown's
 print(json.dumps({"status": r.status, "top": r.peak_bytes, "unplanned": r.extra.get("unplanned"),
-                  "attempts": [a["status"] for a in attempts], "err": err, "notes": r.notes}))
+                  "attempts": [a["status"] for a in attempts], "steps": 3 * len(attempts) + 3, "notes": r.notes}))
 """
 
 
@@ -156,17 +149,23 @@ def test_planned_arena_step_fits_its_budget_and_matches_the_unplanned_step(tmp_p
     import subprocess
     import sys
 
+    torch.backends.cudnn.deterministic = True
     entry = zoo.get("resnet50")
-    model, (x,), y = zoo.workload("resnet50", 16, device="cuda")
+    model, (x,), y = zoo.workload("resnet50", 16, device="cuda")  # the child's model: the same seed
     graph = capture(model, (x,), y, lr=entry.lr, device="cuda")
     cache = str(tmp_path / "k.sqlite")
     profile(graph, device="cuda", cache=cache, progress=False)  # here, under the caching allocator
     budget = int(graph.peak_live_bytes * 0.55)
-    del model, x, y
-    r = subprocess.run([sys.executable, "-c", _ARENA_CHILD, cache, str(budget)], capture_output=True, text=True,
-                       timeout=600)
+    params = tmp_path / "params.pt"
+    r = subprocess.run([sys.executable, "-c", _ARENA_CHILD, cache, str(budget), str(params)], capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == "ok" and out["top"] <= budget and out["unplanned"] == 0, out
     assert "out of memory" not in out["attempts"], out  # every step ran whole: the counts compare
-    assert out["err"] < 1e-3, out  # a refused workspace request makes cuDNN take another algorithm
+    base = unplanned_step(model, spec_from_optimizer(None, entry.lr, "cross_entropy"), (x,), y)
+    for _ in range(out["steps"]):
+        base()
+    # a refused workspace request makes cuDNN take another algorithm than here: close, not equal
+    for p, q in zip(model.parameters(), torch.load(params)):
+        torch.testing.assert_close(p.detach().cpu(), q, rtol=1e-3, atol=1e-4)
