@@ -9,7 +9,6 @@ by the measured overshoot (runtime.arena.layout_repair).
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..graph import capture, zoo
 from ..optimizer import Infeasible, optimize
 from ..runtime import compile as compile_plan
 from ..runtime.arena import Arena, install_cuda_arena, layout_repair
-from ..runtime.step import SEARCH_STEPS, median
+from ..runtime.step import SEARCH_STEPS, median, time_steps
 from .peers import MethodResult, stream_breakdown
 
 METHOD_SUFFIX = " (planned arena)"
@@ -28,17 +27,13 @@ METHOD_SUFFIX = " (planned arena)"
 OUT_OF_MEMORY_CUT = 0.05
 
 
-def _steps(arena: Arena, step: Callable[[], Any], n: int) -> list[float]:
-    """Wall time of each of `n` steps, each one a step of the arena's."""
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def _arena_step(arena: Arena, step: Callable[[], Any]) -> Callable[[], Any]:
+    """`step` as one step of the arena's (its allocations counted from the first)."""
+    def run() -> Any:
         arena.begin_step()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
+        return step()
+
+    return run
 
 
 def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module, lr: float, x: torch.Tensor,
@@ -63,7 +58,8 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
         arena.set_span(arena.cap)
         arena.set_limit(cap)
         try:
-            _steps(arena, lambda: step(x, y), SEARCH_STEPS + 1)  # the last one is the recording
+            # the cuDNN search steps, then the one recorded
+            time_steps(_arena_step(arena, lambda: step(x, y)), SEARCH_STEPS + 1, x.device, warmup=0)
         except torch.OutOfMemoryError as exc:
             # more than the cap live at once: no layout can help; the plan's own count is short
             attempts.append({"limit": lowest, "status": "out of memory", "error": str(exc).splitlines()[0][:300],
@@ -96,7 +92,7 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
     arena.set_plan(layout)
     arena.set_span(cap)
     try:
-        times = _steps(arena, lambda: step(x, y), steps + 1)[1:]  # the first replay warms up
+        times = time_steps(_arena_step(arena, lambda: step(x, y)), steps, x.device)  # after one warm-up replay
     except torch.OutOfMemoryError as exc:
         return MethodResult(method, "out of memory", notes="the replayed layout was refused",
                             extra={"attempts": attempts, "error": str(exc).splitlines()[0][:300]})
