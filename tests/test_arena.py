@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from autotm_py.runtime.arena import (ALIGN, EV_ALLOC, EV_FREE, Arena, ArenaError, aligned, build_library,
+from autotm_py.runtime.arena import (ALIGN, EV_ALLOC, EV_FREE, Arena, ArenaError, build_library,
                                      layout_from_log, live_peak, pack)
 
 U = ALIGN  # one unit of the examples
@@ -177,8 +177,13 @@ def test_an_incomplete_log_is_refused(lib) -> None:
         layout_from_log(ev, np.zeros(0, dtype=[("off", "i8"), ("size", "i8"), ("serial", "i8")]))
 
 
-def test_aligned_rounds_as_the_arena_does() -> None:
-    assert aligned(1) == U and aligned(U) == U and aligned(U + 1) == 2 * U and aligned(0) == U
+@needs_cc
+def test_requests_are_rounded_to_the_alignment(lib) -> None:
+    arena = Arena(BASE, 16 * U, library=lib)
+    arena.begin_step()
+    for n in (1, U, U + 1, 0):
+        arena.alloc(n)
+    assert arena.events()[:, 3].tolist() == [U, U, 2 * U, U]
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")

@@ -148,7 +148,6 @@ int64_t autotm_arena_stat(int what) {
         case 6: return nlive_;
         case 7: return lost_;
         case 8: return foreign_;
-        case 9: return index_;
         default: return -1;
     }
 }

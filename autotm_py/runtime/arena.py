@@ -21,6 +21,7 @@ address range: the tests drive it on a CPU.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -40,11 +41,6 @@ _SOURCE = Path(__file__).with_name("arena.c")
 
 class ArenaError(RuntimeError):
     """The arena cannot be built or installed; the message is one sentence for the user."""
-
-
-def aligned(nbytes: int | np.ndarray) -> int | np.ndarray:
-    """`nbytes` rounded up as the arena rounds a request."""
-    return (np.maximum(nbytes, 1) + ALIGN - 1) // ALIGN * ALIGN
 
 
 def pack(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int],
@@ -143,6 +139,8 @@ def layout_repair(limits: np.ndarray, layout: Layout, budget: int, margin: float
 
 @dataclass(frozen=True)
 class ArenaStats:
+    """arena.c's counters, in the order autotm_arena_stat numbers them."""
+
     in_use: int  # bytes live now
     peak_in_use: int  # the most bytes live at once since the step began
     top: int  # how far into the arena any block reached since the step began
@@ -285,8 +283,7 @@ class Arena:
         return self.lib._name
 
     def stats(self) -> ArenaStats:
-        s = [self.lib.autotm_arena_stat(i) for i in range(9)]
-        return ArenaStats(*s)
+        return ArenaStats(*(self.lib.autotm_arena_stat(i) for i in range(len(dataclasses.fields(ArenaStats)))))
 
     def begin_step(self) -> None:
         """A step begins: its allocations count from the first again, with a fresh log."""
