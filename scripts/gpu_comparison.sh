@@ -19,6 +19,8 @@
 # KERNEL_TIMES: MODEL:BATCH:CAP words for benchmarks/kernel_times.py; default VGG19 at 14.85 GiB,
 # the case whose prediction misses.
 # ARENA: set (ARENA=1) to run each formulation also with the planned arena (--arena).
+# CUDNN_BENCHMARK: set (CUDNN_BENCHMARK=1) to let cuDNN search its algorithms (--cudnn-benchmark;
+# default its heuristic choice).
 # REFINE_SECONDS: the comparison's --refine-seconds (default 0: on the H200, refining ResNet152's
 # fitted asynchronous plan at 24.55 GiB found nothing better in 140 s, where a proxy solve of a
 # graph captured on a CPU had predicted 7% less).
@@ -51,7 +53,7 @@ if [ -n "$CASES" ]; then
     i=$((i + 1))
     echo "== case $c ($(date +%T))"
     "$PY" -m autotm_py bench gpu --case "$c" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" \
-        --refine-seconds "${REFINE_SECONDS:-0}" ${ARENA:+--arena} --results "$OUT/case$i" \
+        --refine-seconds "${REFINE_SECONDS:-0}" ${ARENA:+--arena} ${CUDNN_BENCHMARK:+--cudnn-benchmark} --results "$OUT/case$i" \
         || echo "== case $c ended with status $?"
     if [ -f "$OUT/case$i/gpu/gpu_peers.json" ]; then reports+=("$OUT/case$i"); fi
   done
