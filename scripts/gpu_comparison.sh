@@ -40,7 +40,7 @@ fi
 
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== CUDA tests"
-  "$PY" -m pytest -q -p no:cacheprovider --durations=8 tests/test_runtime_gpu.py tests/test_defrag.py tests/test_profiler.py \
+  "$PY" -m pytest -q -p no:cacheprovider --durations=8 tests/test_runtime_gpu.py tests/test_defrag.py tests/test_profiler.py tests/test_arena.py \
       -k "cuda or gpu or workspace or trace or defrag" 2>&1 | tee "$OUT/tests.log"
 fi
 if [ -n "$CASES" ]; then

@@ -14,7 +14,7 @@ how many bytes (`Layout.top` against the budget) before the step runs.
 The allocator itself is C (arena.c, built with the system's compiler on first use) behind
 PyTorch's pluggable CUDA allocator (`install_cuda_arena`, which must run before anything else
 touches CUDA in the process; arena_torch.cpp turns a refused request into PyTorch's
-out-of-memory error). Its logic has no device in it, so `Arena` also runs over any
+out-of-memory error and answers cuDNN's question for the largest free block). Its logic has no device in it, so `Arena` also runs over any
 address range: the tests drive it on a CPU.
 """
 
@@ -238,9 +238,12 @@ def build_torch_library(cache_dir: str | os.PathLike | None = None) -> Path:
     from torch.utils import cpp_extension
 
     libs = cpp_extension.library_paths()
+    includes = list(cpp_extension.include_paths())
+    if cpp_extension.CUDA_HOME:  # the CUDA runtime's headers, which PyTorch's CUDA headers include
+        includes.append(os.path.join(cpp_extension.CUDA_HOME, "include"))
     flags = ["-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             f"-I{_SOURCE.parent}", *(f"-I{d}" for d in cpp_extension.include_paths()),
-             *(f"-L{d}" for d in libs), *(f"-Wl,-rpath,{d}" for d in libs), "-lc10"]
+             f"-I{_SOURCE.parent}", *(f"-I{d}" for d in includes),
+             *(f"-L{d}" for d in libs), *(f"-Wl,-rpath,{d}" for d in libs), "-ltorch_cuda", "-lc10_cuda", "-lc10"]
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     return _build(_SOURCE.with_name("arena_torch.cpp"), cxx, flags, [_SOURCE], cache_dir)
 
@@ -365,6 +368,10 @@ def install_cuda_arena(nbytes: int | None = None, *, limit: int | None = None, r
     ptr = ctypes.c_uint64()
     _check(drv.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(size)), f"an arena of {size} bytes")
     arena = Arena(ptr.value, size, limit=limit, library=build_torch_library(), **kwargs)
-    pluggable = torch.cuda.memory.CUDAPluggableAllocator(arena.library, "autotm_alloc", "autotm_free")
-    torch.cuda.memory.change_current_allocator(pluggable)
+    # arena_torch.cpp's allocator rather than torch.cuda.memory.CUDAPluggableAllocator, which
+    # refuses cuDNN's question for the largest free block (every convolution asks it)
+    arena.lib.autotm_install_error.restype = ctypes.c_char_p
+    if arena.lib.autotm_install() != 0:
+        raise ArenaError(f"PyTorch did not take the planned arena as its allocator: "
+                         f"{arena.lib.autotm_install_error().decode()}")
     return arena
