@@ -166,6 +166,20 @@ def test_blocks_live_across_steps_stay_where_they_are(lib) -> None:
 
 
 @needs_cc
+def test_a_block_from_before_the_step_bounds_every_layout_from_below(lib) -> None:
+    arena = Arena(BASE, 16 * U, library=lib)
+    arena.begin_step()  # a step without a plan: its lowest gaps
+    low, gap, high = arena.alloc(4 * U), arena.alloc(2 * U), arena.alloc(U)  # `high` outlives the step
+    arena.free(low)
+    arena.free(gap)
+    addr = _run(arena, [("a", "T", 3), ("f", "T")])
+    assert high == BASE + 6 * U and addr["T"] == BASE  # the next step's block goes below it
+    lay = arena.layout()
+    # the layout puts T at the bottom, yet reaches to the end of `high`, which stays at 6U-7U
+    assert lay.offsets.tolist() == [0] and lay.fixed_top == 7 * U and lay.top == 7 * U and lay.live_peak == 4 * U
+
+
+@needs_cc
 def test_an_incomplete_log_is_refused(lib) -> None:
     arena = Arena(BASE, 16 * U, library=lib, log_events=2)
     _run(arena, [("a", "A", 1), ("a", "B", 1), ("a", "C", 1)])
@@ -252,6 +266,50 @@ def test_a_captured_step_lays_out_at_its_live_peak(lib) -> None:
         arena.set_span(lay.top)
         replay_program(arena, program)
         assert arena.stats().unplanned == 0 and arena.stats().top == lay.top
+
+
+@needs_cc
+def test_a_workspace_query_is_told_what_the_limit_allows_within_the_room(lib) -> None:
+    arena = Arena(BASE, 16 * U, limit=10 * U, library=lib)
+    arena.alloc(3 * U)
+    assert arena.largest() == 7 * U
+    arena.set_room(2 * U)
+    assert arena.largest() == 2 * U
+    arena.set_room(0)
+    assert arena.largest() == 0
+    arena.set_room(None)
+    arena.alloc(8 * U)  # refused: over the limit, and nothing changes
+    assert arena.largest() == 7 * U
+
+
+def test_bound_workspaces_sets_each_kernels_room_before_it_and_leaves_the_numerics_alone() -> None:
+    import torch
+
+    from autotm_py.graph import capture
+    from autotm_py.optimizer import optimize
+    from autotm_py.optimizer.roofline import roofline_profile
+    from autotm_py.runtime import compile as compile_plan
+    from autotm_py.runtime.arena import bound_workspaces
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(8 * 6 * 6, 10))
+
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    a, b = net(), net()
+    graph = capture(a, (x,), y, lr=0.1)
+    plan = optimize(graph, roofline_profile(graph), formulation="synchronous", ratio="1:1", time_limit=30)
+    rooms = [1000 + k for k in range(len(graph.kernels))]  # one per kernel, each its own
+    told: list[int] = []
+    bounded = compile_plan(plan, a, lr=0.1, passes=(bound_workspaces(rooms, told.append),))
+    plain = compile_plan(plan, b, lr=0.1)
+    for _ in range(2):
+        bounded(x, y)
+        plain(x, y)
+    assert told == rooms + rooms  # every kernel, in the order they run, each step
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_installing_without_a_cuda_driver_says_so() -> None:

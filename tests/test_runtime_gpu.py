@@ -137,7 +137,8 @@ torch.save([p.detach().cpu() for p in model.parameters()], out)
 # the steps the model took: per attempt 2 search steps and the recording, then 2 replays (one
 # warm-up, one timed) and the breakdown's
 print(json.dumps({"status": r.status, "top": r.peak_bytes, "unplanned": r.extra.get("unplanned"),
-                  "attempts": [a["status"] for a in attempts], "steps": 3 * len(attempts) + 3, "notes": r.notes}))
+                  "attempts": [a["status"] for a in attempts], "steps": 3 * len(attempts) + 3, "notes": r.notes}),
+      flush=True)  # before the process's teardown, which must also end cleanly (the return code)
 """
 
 
@@ -159,7 +160,7 @@ def test_planned_arena_step_fits_its_budget_and_matches_the_unplanned_step(tmp_p
     params = tmp_path / "params.pt"
     r = subprocess.run([sys.executable, "-c", _ARENA_CHILD, cache, str(budget), str(params)], capture_output=True,
                        text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == "ok" and out["top"] <= budget and out["unplanned"] == 0, out
     assert "out of memory" not in out["attempts"], out  # every step ran whole: the counts compare

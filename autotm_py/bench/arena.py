@@ -3,7 +3,8 @@ instead of PyTorch's caching allocator: each plan runs in a fresh process that i
 arena before anything else touches CUDA, records a step under an allocator of the cap's size
 that never fragments, lays that step out, and times the steps that replay the layout within
 the cap. Where the layout reaches past the cap, the plan is solved again with its limits lowered
-by the measured overshoot (runtime.arena.layout_repair).
+by the measured overshoot (runtime.arena.layout_repair). Each convolution's workspace is bounded
+by what its plan left room for (runtime.arena.bound_workspaces).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from ..graph import capture, zoo
 from ..optimizer import Infeasible, optimize
 from ..runtime import compile as compile_plan
-from ..runtime.arena import Arena, install_cuda_arena, layout_repair
+from ..optimizer.limits import plan_workspace
+from ..runtime.arena import Arena, bound_workspaces, install_cuda_arena, layout_repair
 from ..runtime.step import SEARCH_STEPS, median, time_steps
 from .peers import MethodResult, stream_breakdown
 
@@ -53,7 +55,8 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
         except Infeasible as exc:
             attempts.append({"limit": lowest, "status": "infeasible", "reason": str(exc)})
             break
-        step = compile_plan(plan, model, lr=lr)
+        room = bound_workspaces(plan_workspace(graph, prof, plan), arena.set_room)
+        step = compile_plan(plan, model, lr=lr, passes=(room,))
         arena.set_plan(None)
         arena.set_span(arena.cap)
         arena.set_limit(cap)
@@ -71,15 +74,20 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
             continue
         layout = arena.layout()
         rec = arena.stats()
-        attempts.append({"limit": lowest, "status": "ok" if layout.top <= cap else "layout over the cap",
-                         "layout_top": layout.top, "live_peak": layout.live_peak,
+        fixed = layout.fixed_top > cap
+        attempts.append({"limit": lowest, "status": "ok" if layout.top <= cap else
+                         "blocks from before the step over the cap" if fixed else "layout over the cap",
+                         "layout_top": layout.top, "live_peak": layout.live_peak, "fixed_top": layout.fixed_top,
                          "refused_requests": rec.failures, "predicted_seconds": plan.predicted_seconds,
                          "predicted_fast_peak": plan.peak_fast_bytes})
         log(f"  arena {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB, layout "
             f"{layout.top / 2**30:.3f} GiB for {layout.live_peak / 2**30:.3f} GiB live at most "
-            f"(+{layout.overhead:.2%}), {rec.failures} refused request(s)")
+            f"(+{layout.overhead:.2%}; blocks from before the step reach {layout.fixed_top / 2**30:.3f} GiB), "
+            f"{rec.failures} refused request(s)")
         if layout.top <= cap:
             fitted = (plan, step, layout)
+            break
+        if fixed:  # they stay where they are: no plan of this step can lay out below them
             break
         per_kernel = np.broadcast_to(np.asarray(limits, dtype=np.int64), (len(graph.kernels),))
         limits, cut = layout_repair(per_kernel, layout, cap)

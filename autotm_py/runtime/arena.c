@@ -46,6 +46,7 @@ static int64_t *log_;
 static int64_t logcap_, nlog_;
 static int64_t serial_, index_, cursor_;
 static int64_t inuse_, peak_inuse_, top_, unplanned_, failures_, lost_, foreign_;
+static int64_t room_ = INT64_MAX;  /* the most a workspace query is told (autotm_arena_set_room) */
 
 static int64_t round_up(int64_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
@@ -105,12 +106,24 @@ int autotm_arena_attach(int64_t base, int64_t cap, int64_t maxlive, int64_t logc
     psize_ = poff_ = 0; nplan_ = 0;
     serial_ = index_ = cursor_ = 0;
     inuse_ = peak_inuse_ = top_ = unplanned_ = failures_ = lost_ = foreign_ = 0;
+    room_ = INT64_MAX;
     return 0;
 }
 
 void autotm_arena_set_limit(int64_t limit) { limit_ = limit < cap_ ? limit : cap_; }
 
 void autotm_arena_set_span(int64_t span) { span_ = span < cap_ ? span / ALIGN * ALIGN : cap_; }
+
+/* What a query for the largest free block answers from now on: the bytes the limit still
+   allows, at most `room` (a negative room: no bound). cuDNN asks before it picks a
+   convolution's algorithm; a plan bounds it by the workspace it left room for. */
+void autotm_arena_set_room(int64_t room) { room_ = room < 0 ? INT64_MAX : room; }
+
+int64_t autotm_arena_largest(void) {
+    int64_t free_ = limit_ - inuse_;
+    if (free_ < 0) free_ = 0;
+    return free_ < room_ ? free_ : room_;
+}
 
 /* a copy of the plan (n = 0: none); 0, or -1 where it cannot be had */
 int autotm_arena_set_plan(const int64_t *sizes, const int64_t *offs, int64_t n) {

@@ -73,6 +73,7 @@ class PlannedStep:
     optimizer: torch.optim.Optimizer | None = None
     slow_tier: str | None = None
     search_steps: int = SEARCH_STEPS
+    passes: tuple[Callable[[Any], Any], ...] = ()  # fx passes on the rewritten step, in order
     graph: Graph | None = None
     rewrite: RewriteStats | None = None
     _module: Any = field(default=None, repr=False)
@@ -111,6 +112,8 @@ class PlannedStep:
             tier = open_slow_tier(self.slow_tier or "model")
             mover = CpuMover(SlowArena(tier, _slow_bytes(graph, self.plan)))
         module, stats = insert_moves(graph.module, graph, self.plan, mover)
+        for apply in self.passes:
+            module = apply(module)
         self.graph, self._module, self._mover, self.rewrite = graph, module, mover, stats
         self._state = self._optimizer_state()
 
@@ -237,13 +240,15 @@ def _algorithms_kept(active: bool) -> Iterator[None]:
 
 def compile(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
             lr: float | None = None, loss: str | Callable[..., torch.Tensor] = "cross_entropy",
-            slow_tier: str | None = None, search_steps: int = SEARCH_STEPS) -> PlannedStep:
+            slow_tier: str | None = None, search_steps: int = SEARCH_STEPS,
+            passes: Sequence[Callable[[Any], Any]] = ()) -> PlannedStep:
     """A training step for `model` that runs `plan`. `optimizer` (torch.optim.SGD or Adam)
     gives the update rule and keeps its state; without one, SGD with `lr`. On CUDA with
     `torch.backends.cudnn.benchmark` on, the first `search_steps` calls let cuDNN search
-    algorithms; later calls keep them."""
+    algorithms; later calls keep them. `passes`: fx passes (GraphModule -> GraphModule) run
+    on the step once its moves are inserted, such as runtime.arena.bound_workspaces."""
     return PlannedStep(plan, model, spec_from_optimizer(optimizer, lr, loss), optimizer, slow_tier,
-                       search_steps)
+                       search_steps, tuple(passes))
 
 
 def unplanned_step(model: nn.Module, spec: StepSpec, inputs: Sequence[torch.Tensor],
