@@ -166,7 +166,7 @@ def test_blocks_live_across_steps_stay_where_they_are(lib) -> None:
 
 
 @needs_cc
-def test_a_block_from_before_the_step_bounds_every_layout_from_below(lib) -> None:
+def test_a_block_from_before_the_step_is_a_floor_for_the_layouts_top(lib) -> None:
     arena = Arena(BASE, 16 * U, library=lib)
     arena.begin_step()  # a step without a plan: its lowest gaps
     low, gap, high = arena.alloc(4 * U), arena.alloc(2 * U), arena.alloc(U)  # `high` outlives the step

@@ -14,8 +14,8 @@ how many bytes (`Layout.top` against the budget) before the step runs.
 The allocator itself is C (arena.c, built with the system's compiler on first use) behind
 PyTorch's pluggable CUDA allocator (`install_cuda_arena`, which must run before anything else
 touches CUDA in the process; arena_torch.cpp turns a refused request into PyTorch's
-out-of-memory error and answers cuDNN's question for the largest free block). Its logic has no device in it, so `Arena` also runs over any
-address range: the tests drive it on a CPU.
+out-of-memory error and answers cuDNN's question for the largest free block). Its logic has
+no device in it, so `Arena` also runs over any address range: the tests drive it on a CPU.
 """
 
 from __future__ import annotations
