@@ -211,7 +211,7 @@ def bound_workspaces(workspace: Sequence[int], set_room: Callable[[int], None]) 
     likely by larger workspaces."""
     room = [int(b) for b in workspace]
 
-    def workspace_room(nbytes: int) -> None:
+    def workspace_room(nbytes: int) -> None:  # a plain function: fx's generated code names it
         set_room(nbytes)
 
     def apply(gm: Any) -> Any:
@@ -428,4 +428,3 @@ def _place_library_state() -> None:
     a = torch.ones(64, 64, device="cuda")
     torch.nn.functional.linear(a, a, a[0]).sum().item()  # addmm: cuBLAS and cuBLASLt alike
     (a @ a).sum().item()
-    del a
