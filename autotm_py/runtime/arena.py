@@ -119,11 +119,12 @@ def layout_from_log(events: np.ndarray, live_at_start: np.ndarray) -> Layout:
     ends = np.array([freed.get(int(s), horizon) for s in ev[ok, 1]], dtype=np.int64)
     obstacles = [(int(b["off"]), int(b["size"]), 0, freed.get(int(b["serial"]), horizon)) for b in live_at_start]
     offsets[ev[ok, 2]] = pack(ev[ok, 3], starts, ends, obstacles)
-    tops = [o + nb for o, nb, _, _ in obstacles] + [int(o + nb) for o, nb in zip(offsets[ev[ok, 2]], ev[ok, 3])]
+    fixed_top = max((o + nb for o, nb, _, _ in obstacles), default=0)
+    top = max([fixed_top] + [int(o + nb) for o, nb in zip(offsets[ev[ok, 2]], ev[ok, 3])])
     peak = live_peak(np.concatenate([[nb for _, nb, _, _ in obstacles], ev[ok, 3]]).astype(np.int64),
                      np.concatenate([np.zeros(len(obstacles), dtype=np.int64), starts]),
                      np.concatenate([[e for _, _, _, e in obstacles], ends]).astype(np.int64))
-    return Layout(sizes, offsets, max(tops, default=0), peak, max((o + nb for o, nb, _, _ in obstacles), default=0))
+    return Layout(sizes, offsets, top, peak, fixed_top)
 
 
 MAX_LAYOUT_CUT = 0.25  # the most one repair takes off every limit (as defrag.MAX_STEP_CUT)
