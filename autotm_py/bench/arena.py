@@ -84,6 +84,10 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
             f"{layout.top / 2**30:.3f} GiB for {layout.live_peak / 2**30:.3f} GiB live at most "
             f"(+{layout.overhead:.2%}; blocks from before the step reach {layout.fixed_top / 2**30:.3f} GiB), "
             f"{rec.failures} refused request(s)")
+        if fixed or layout.top > cap:
+            log("    highest blocks from before the step: " + ", ".join(
+                f"{nb / 2**20:.1f} MiB at {o / 2**30:.3f} GiB{' (freed in it)' if gone else ''}"
+                for o, nb, gone in layout.highest_fixed))
         if layout.top <= cap:
             fitted = (plan, step, layout)
             break

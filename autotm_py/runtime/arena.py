@@ -93,6 +93,8 @@ class Layout:
     top: int  # how far into the arena the layout reaches (blocks live at the step's start included)
     live_peak: int  # the most bytes live at once in the recorded step (no layout spans less)
     fixed_top: int = 0  # how far the blocks live at the step's start reach: no layout reaches less
+    # the blocks live at the step's start that reach furthest: (offset, bytes, freed in the step)
+    highest_fixed: tuple[tuple[int, int, bool], ...] = ()
 
     @property
     def overhead(self) -> float:
@@ -124,7 +126,9 @@ def layout_from_log(events: np.ndarray, live_at_start: np.ndarray) -> Layout:
     peak = live_peak(np.concatenate([[nb for _, nb, _, _ in obstacles], ev[ok, 3]]).astype(np.int64),
                      np.concatenate([np.zeros(len(obstacles), dtype=np.int64), starts]),
                      np.concatenate([[e for _, _, _, e in obstacles], ends]).astype(np.int64))
-    return Layout(sizes, offsets, top, peak, fixed_top)
+    highest = sorted(obstacles, key=lambda b: -(b[0] + b[1]))[:3]
+    return Layout(sizes, offsets, top, peak, fixed_top,
+                  tuple((o, nb, end < horizon) for o, nb, _, end in highest))
 
 
 MAX_LAYOUT_CUT = 0.25  # the most one repair takes off every limit (as defrag.MAX_STEP_CUT)
