@@ -177,6 +177,7 @@ def test_a_block_from_before_the_step_is_a_floor_for_the_layouts_top(lib) -> Non
     lay = arena.layout()
     # the layout puts T at the bottom, yet reaches to the end of `high`, which stays at 6U-7U
     assert lay.offsets.tolist() == [0] and lay.fixed_top == 7 * U and lay.top == 7 * U and lay.live_peak == 4 * U
+    assert lay.highest_fixed == ((6 * U, U, False),)  # the one block from before: where, how big, kept
 
 
 @needs_cc
