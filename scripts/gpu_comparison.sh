@@ -26,6 +26,8 @@
 # graph captured on a CPU had predicted 7% less).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the scripts under benchmarks/ import the package from this checkout where it is not installed
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=${OUT_DIR:-results/gpu-run}

@@ -8,6 +8,8 @@
 #   SKIP_ACCURACY=1 bash scripts/gpu_profile.sh  # profiles only
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the scripts under benchmarks/ import the package from this checkout where it is not installed
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 mkdir -p benchmarks/results
