@@ -161,6 +161,8 @@ def test_planned_arena_step_fits_its_budget_and_matches_the_unplanned_step(tmp_p
     # faulthandler: a crash in the child still names the Python line it was on
     r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _ARENA_CHILD, cache, str(budget), str(params)],
                        capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        print(r.stderr)  # whole, under "Captured stdout" (the assertion's message is shortened)
     assert r.returncode == 0, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == "ok" and out["top"] <= budget and out["unplanned"] == 0, out
@@ -171,3 +173,33 @@ def test_planned_arena_step_fits_its_budget_and_matches_the_unplanned_step(tmp_p
     # a refused workspace request makes cuDNN take another algorithm than here: close, not equal
     for p, q in zip(model.parameters(), torch.load(params)):
         torch.testing.assert_close(p.detach().cpu(), q, rtol=1e-3, atol=1e-4)
+
+
+def test_a_steps_first_call_makes_the_library_workspaces_profiling_cleared(tmp_path) -> None:
+    """Profiling clears cuBLAS's per-stream workspaces; a planned step's first call makes them
+    again before it runs (they then lie below the step's tensors), and only once."""
+    from autotm_py.profiler.harness import release_cuda_state
+    from autotm_py.runtime.step import make_library_workspaces
+
+    dev = torch.device("cuda")
+    release_cuda_state()
+    before = torch.cuda.memory_allocated()
+    make_library_workspaces(dev)
+    torch.cuda.synchronize()
+    made = torch.cuda.memory_allocated() - before
+    assert made >= 1 << 20  # cuBLAS's workspace is MiBs (32 MiB on Hopper); the operands are freed
+    make_library_workspaces(dev)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before == made
+
+    model, (x,), y = zoo.workload("resnet50", 4, device="cuda")
+    graph = capture(model, (x,), y, lr=0.01, device="cuda")
+    prof = profile(graph, device="cuda", cache=str(tmp_path / "k.sqlite"), progress=False)  # clears them again
+    plan = optimize(graph, prof, formulation="synchronous", limit_bytes=graph.peak_live_bytes, time_limit=30)
+    step = compile_plan(plan, model, lr=0.01)
+    step.prepare((x,), y)
+    torch.cuda.synchronize()
+    made_again = torch.cuda.memory_allocated()
+    make_library_workspaces(dev)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == made_again  # prepare made them: nothing more to make

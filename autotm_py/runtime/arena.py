@@ -419,17 +419,7 @@ def install_cuda_arena(nbytes: int | None = None, *, limit: int | None = None, r
     if arena.lib.autotm_install() != 0:
         raise ArenaError(f"PyTorch did not take the planned arena as its allocator: "
                          f"{arena.lib.autotm_install_error().decode()}")
-    _place_library_state()
+    from .step import make_library_workspaces
+
+    make_library_workspaces(torch.device("cuda"))  # at the arena's bottom
     return arena
-
-
-def _place_library_state() -> None:
-    """cuBLAS allocates a workspace on its first matrix product on a stream and keeps it for
-    the process's life. Made here, it lies at the bottom of the arena; made in a step's first
-    matrix product, it lies wherever the lowest gap was then (in VGG19's forward, under a full
-    cap, high up), and no layout of a later step can reach below it."""
-    import torch
-
-    a = torch.ones(64, 64, device="cuda")
-    torch.nn.functional.linear(a, a, a[0]).sum().item()  # addmm: cuBLAS and cuBLASLt alike
-    (a @ a).sum().item()
