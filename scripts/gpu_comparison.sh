@@ -21,6 +21,8 @@
 # ARENA: set (ARENA=1) to run each formulation also with the planned arena (--arena).
 # CUDNN_BENCHMARK: set (CUDNN_BENCHMARK=1) to let cuDNN search its algorithms (--cudnn-benchmark;
 # default its heuristic choice).
+# AUTOTM_CAP_BY: fill to take from the device what the cap does not allow, beside the memory
+# fraction, so that cuDNN sees as free what the cap leaves (default fraction; the reports say which).
 # REFINE_SECONDS: the comparison's --refine-seconds (default 0: on the H200, refining ResNet152's
 # fitted asynchronous plan at 24.55 GiB found nothing better in 140 s, where a proxy solve of a
 # graph captured on a CPU had predicted 7% less).

@@ -232,6 +232,13 @@ def test_gpu_reports_merge_case_by_case(tmp_path) -> None:
     (b / "gpu_peers.json").write_text(json.dumps(second))
     r = _bench("gpu-merge", str(a), str(tmp_path / "b"), "--out", str(out))
     assert r.exit_code != 0 and "differ in cudnn_benchmark" in r.output and "Traceback" not in r.output
+    # so are runs held to their caps another way
+    second["cudnn_benchmark"], second["cap_by"] = shipped["cudnn_benchmark"], "fill"
+    first["cap_by"] = "fraction"
+    a.write_text(json.dumps(first))
+    (b / "gpu_peers.json").write_text(json.dumps(second))
+    r = _bench("gpu-merge", str(a), str(tmp_path / "b"), "--out", str(out))
+    assert r.exit_code != 0 and "differ in cap_by" in r.output
 
 
 def test_out_of_memory_streak_counts_the_last_attempts_in_a_row() -> None:

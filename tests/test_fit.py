@@ -189,3 +189,30 @@ def test_snapshot_and_restore_put_existing_optimizer_state_back(small) -> None: 
     for (p, b), v in zip(bufs.items(), values):
         assert opt.state[p]["momentum_buffer"] is b and torch.equal(b, v)  # the same tensor, in place
     assert "extra" not in opt.state[next(model.parameters())]
+
+
+def test_the_fill_leaves_free_what_the_cap_allows_plus_the_slack() -> None:
+    from autotm_py.runtime.fit import fill_bytes
+
+    G, M = 1 << 30, 1 << 20
+    # an 80 GiB device with 70 GiB free, a 25% cap (20 GiB) of which the allocator holds 2 GiB:
+    # 18 GiB may still be allocated, so 70 - 18 GiB less the slack is taken, in 2 MiB granules
+    assert fill_bytes(70 * G, 80 * G, 0.25, 2 * G, slack=256 * M) == 52 * G - 256 * M
+    assert fill_bytes(70 * G, 80 * G, 0.25, 2 * G, slack=3 * M) == 52 * G - 4 * M  # rounded down
+    # the allocator already holds more than the cap: everything free but the slack goes
+    assert fill_bytes(10 * G, 80 * G, 0.25, 30 * G, slack=0) == 10 * G
+    # a cap the free memory already meets: nothing to take
+    assert fill_bytes(10 * G, 80 * G, 0.5, 0, slack=0) == 0
+
+
+def test_the_way_a_cap_is_held_is_checked(monkeypatch) -> None:
+    from autotm_py.runtime.fit import CAP_BY_ENV, cap_by
+    from autotm_py.runtime.step import RunError
+
+    monkeypatch.delenv(CAP_BY_ENV, raising=False)
+    assert cap_by() == "fraction"
+    monkeypatch.setenv(CAP_BY_ENV, "fill")
+    assert cap_by() == "fill"
+    monkeypatch.setenv(CAP_BY_ENV, "pad")
+    with pytest.raises(RunError, match="must be one of fraction, fill"):
+        cap_by()

@@ -67,6 +67,7 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
     import torch
 
+    from ..runtime.fit import cap_by
     from .peers import run_case
 
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -79,7 +80,7 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
                                 refine_seconds=refine_seconds, arena=arena, log=log))
         report = {"kind": GPU_KIND, "schema": GPU_SCHEMA, "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "cudnn_benchmark": cudnn_benchmark,
-                  "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+                  "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cap_by": cap_by(),
                   "cases": [r.to_json() for r in results], "oversized": []}
         write_gpu_report(report, path)
     return path
@@ -93,7 +94,7 @@ def merge_gpu_reports(reports: list[Mapping[str, Any]], notes: str | None = None
     if not reports:
         raise ResultsError("give at least one GPU comparison report to merge")
     first = reports[0]
-    for key in ("device", "torch", "cudnn_benchmark", "alloc_conf"):
+    for key in ("device", "torch", "cudnn_benchmark", "alloc_conf", "cap_by"):
         seen = {str(r[key]) for r in reports if key in r}  # an older report may not say
         if len(seen) > 1:
             raise ResultsError(f"the reports differ in {key} ({', '.join(sorted(seen))}); merge only runs of one setup")
@@ -102,7 +103,7 @@ def merge_gpu_reports(reports: list[Mapping[str, Any]], notes: str | None = None
         for c in r["cases"]:
             cases[(c.get("model"), c.get("batch"), c.get("cap_bytes"))] = c
     out = {k: next(r[k] for r in reports if k in r) for k in ("kind", "schema", "device", "torch", "cudnn_benchmark",
-                                                             "alloc_conf") if any(k in r for r in reports)}
+                                                             "alloc_conf", "cap_by") if any(k in r for r in reports)}
     out["cases"] = list(cases.values())
     out["oversized"] = [o for r in reports for o in r.get("oversized", [])]
     if notes is not None or "notes" in first:

@@ -7,7 +7,8 @@ and under a cap it falls back to algorithms with small workspaces: a method run 
 would inherit that one's choices. Each autotm plan therefore runs in a fresh process of its
 own, after the unconstrained step and before the peers, which run in this process.
 
-The cap is enforced with `torch.cuda.set_per_process_memory_fraction`; the peak reported is
+The cap is enforced with `torch.cuda.set_per_process_memory_fraction` (with AUTOTM_CAP_BY=fill
+also by taking the rest of the device, runtime.fit.hold_device_memory); the peak reported is
 `torch.cuda.max_memory_allocated()` over the timed steps. The transfer lower bound of any
 plan that only moves data is LB = max(T_f, E/B) + max(T_b, E/B), with E = unplanned peak - cap,
 T_f and T_b the forward and backward(+update) times of the unconstrained step and B the

@@ -251,14 +251,18 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
               help="Also run each formulation with the planned arena for its device memory: a step "
                    "recorded, laid out so that nothing live at once overlaps, and replayed within the "
                    "cap (no allocator fragmentation; needs a C++ compiler).")
+@click.option("--cap-by", type=click.Choice(["fraction", "fill"]), default=None,
+              help="How every method is held to the cap: PyTorch's per-process memory fraction "
+                   "(as the reference measurements), or that and the rest of the device taken, so "
+                   "that cuDNN sees as free what the cap leaves. Default: $AUTOTM_CAP_BY, else fraction.")
 @click.option("--results", default=DEFAULT_RESULTS, show_default=True, metavar="DIR",
               help="The report goes to DIR/gpu/gpu_peers.json (and .md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 @_bench_errors
 def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations: str, cudnn_benchmark: bool,
-            cache: str | None, retry_repairs: int, refine_seconds: float, arena: bool, results: str,
-            as_json: bool) -> None:
+            cache: str | None, retry_repairs: int, refine_seconds: float, arena: bool, cap_by: str | None,
+            results: str, as_json: bool) -> None:
     """The GPU comparison: autotm against save_on_cpu and checkpointing under a memory cap (Figure 12's
     counterpart)."""
     from ..bench.gpu import DEFAULT_CASES, parse_case, run_gpu
@@ -273,6 +277,12 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
         raise UserError(f"--retry-repairs must be 0 or more, got {retry_repairs}")
     if refine_seconds < 0:
         raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
+    if cap_by is not None:
+        import os
+
+        from ..runtime.fit import CAP_BY_ENV
+
+        os.environ[CAP_BY_ENV] = cap_by  # the plans' child processes hold their caps alike
     check_device("cuda")
     path = run_gpu(parsed, Path(results) / "gpu", steps=steps, time_limit=time_limit, formulations=forms,
                    cudnn_benchmark=cudnn_benchmark, cache=cache, retry_repairs=retry_repairs,

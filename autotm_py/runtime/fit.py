@@ -12,6 +12,7 @@ times every fitting plan and keeps the fastest; both repair as defrag.next_limit
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ import torch
 
 from ..optimizer.plan import Plan
 from .defrag import MemoryTrace, kernel_memory_trace, next_limits
-from .step import PlannedStep, time_steps
+from .step import PlannedStep, RunError, time_steps
 
 OK, OUT_OF_MEMORY, OVER = "ok", "out of memory", "over the budget"
 
@@ -177,9 +178,40 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, sa
 
 
 # ---- the CUDA stages -------------------------------------------------------------------------
+# How a cap is held (AUTOTM_CAP_BY): "fraction", PyTorch's per-process memory fraction alone,
+# as the reference measurements did; or "fill", the fraction and a block taken from the device
+# through the driver, so that the device's free memory is what the cap leaves. cuDNN sizes its
+# workspaces by the device's free memory (and the allocator's largest cached block), which the
+# fraction does not lower: under it cuDNN asks for workspaces the cap refuses, and each refusal
+# is an allocator retry (the cache freed, the device synchronized) before a smaller request.
+CAP_BY_ENV = "AUTOTM_CAP_BY"
+CAP_BY = ("fraction", "fill")
+# memory the fill leaves beyond what the cap allows: what cuDNN and cuBLAS take outside
+# PyTorch's allocator (handles, their own scratch)
+FILL_SLACK = 256 << 20
+# the block the fill holds, by device: process-wide like the fraction it goes with
+_fills: dict[int, int] = {}
+
+
+def fill_bytes(free: int, total: int, fraction: float, reserved: int, slack: int = FILL_SLACK) -> int:
+    """Bytes to take from a device with `free` bytes free (of `total`) so that what stays free
+    is what a `fraction` cap still allows the allocator (which holds `reserved`), plus `slack`;
+    in 2 MiB granules, 0 where nothing need be taken."""
+    allowed = int(fraction * total) - reserved
+    return max(0, (free - max(allowed, 0) - slack) // (2 << 20) * (2 << 20))
+
+
+def cap_by() -> str:
+    how = os.environ.get(CAP_BY_ENV, "fraction")
+    if how not in CAP_BY:
+        raise RunError(f"{CAP_BY_ENV} must be one of {', '.join(CAP_BY)}, not {how!r}")
+    return how
+
+
 def hold_device_memory(fraction: float | None) -> None:
     """Hold the caching allocator to `fraction` of the device (None: all of it), from an empty
-    cache and a fresh peak counter."""
+    cache and a fresh peak counter; with AUTOTM_CAP_BY=fill also take from the device what the
+    cap does not allow (CAP_BY_ENV above)."""
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -187,8 +219,34 @@ def hold_device_memory(fraction: float | None) -> None:
     # comparison they added up past the host's memory (an H200 host of 128 GiB, third case)
     if hasattr(torch._C, "_host_emptyCache"):
         torch._C._host_emptyCache()
+    dev = torch.cuda.current_device()
+    if dev in _fills:
+        _driver_free(_fills.pop(dev))
     torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else fraction)
     torch.cuda.reset_peak_memory_stats()
+    if fraction is not None and cap_by() == "fill":
+        free, total = torch.cuda.mem_get_info()
+        n = fill_bytes(free, total, fraction, torch.cuda.memory_reserved())
+        if n:
+            _fills[dev] = _driver_alloc(n)
+
+
+def _driver_alloc(nbytes: int) -> int:
+    import ctypes
+
+    from .arena import _check, _cuda_driver
+
+    ptr = ctypes.c_uint64()
+    _check(_cuda_driver().cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), f"a fill of {nbytes} bytes")
+    return int(ptr.value)
+
+
+def _driver_free(ptr: int) -> None:
+    import ctypes
+
+    from .arena import _check, _cuda_driver
+
+    _check(_cuda_driver().cuMemFree_v2(ctypes.c_uint64(ptr)), "freeing the fill")
 
 
 def _fraction(budget: int) -> float:
