@@ -39,8 +39,8 @@ def make_library_workspaces(device: torch.device) -> None:
     """Have cuBLAS and cuBLASLt make the workspaces they keep per stream for the process's
     life, for the current stream, now. Made by a step's first matrix product they lie wherever
     the lowest gap was then (in VGG19's forward under a full cap, high up), a block no later
-    step can use or move; in a planned arena, a 32 MiB one at 14.06 GiB of 14.85 kept every
-    layout of VGG19's asynchronous step over the cap. Profiling clears them (it releases what
+    step can use or move (in a planned arena of 14.85 GiB, every layout of VGG19's asynchronous
+    step had to go around a 32 MiB one at 14.06 GiB). Profiling clears them (it releases what
     its CUDA-graph warm-ups left), so the step makes them again before its first call."""
     if device.type != "cuda":
         return
