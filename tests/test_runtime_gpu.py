@@ -131,7 +131,8 @@ entry = zoo.get("resnet50")
 model, (x,), y = zoo.workload("resnet50", 16, device="cuda")
 graph = capture(model, (x,), y, lr=entry.lr, device="cuda")
 prof = profile(graph, device="cuda", cache=cache, progress=False)
-r = arena_autotm_run(arena, graph, prof, model, entry.lr, x, y, "asynchronous", budget, steps=1, time_limit=120)
+r = arena_autotm_run(arena, graph, prof, model, entry.lr, x, y, "asynchronous", budget, steps=1, time_limit=120,
+                     log=lambda m: print(m, flush=True))  # flushed: a crash leaves how far it got
 attempts = r.extra["attempts"]
 torch.save([p.detach().cpu() for p in model.parameters()], out)
 # the steps the model took: per attempt 2 search steps and the recording, then 2 replays (one
@@ -162,7 +163,7 @@ def test_planned_arena_step_fits_its_budget_and_matches_the_unplanned_step(tmp_p
     r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _ARENA_CHILD, cache, str(budget), str(params)],
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
-        print(r.stderr)  # whole, under "Captured stdout" (the assertion's message is shortened)
+        print(r.stdout, r.stderr, sep="\n")  # whole, under "Captured stdout" (the assertion's message is shortened)
     assert r.returncode == 0, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == "ok" and out["top"] <= budget and out["unplanned"] == 0, out
