@@ -387,6 +387,18 @@ def _check(result: int, what: str) -> None:
         raise ArenaError(f"the CUDA driver refused {what} (error {result})")
 
 
+def driver_alloc(nbytes: int, what: str) -> int:
+    """`nbytes` of device memory from the CUDA driver in the current context, outside
+    PyTorch's allocator and its accounting; the device pointer."""
+    ptr = ctypes.c_uint64()
+    _check(_cuda_driver().cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), what)
+    return int(ptr.value)
+
+
+def driver_free(ptr: int) -> None:
+    _check(_cuda_driver().cuMemFree_v2(ctypes.c_uint64(ptr)), "freeing a block of its own")
+
+
 def install_cuda_arena(nbytes: int | None = None, *, limit: int | None = None, reserve: int = 2 << 30,
                        **kwargs) -> Arena:
     """Make the planned arena PyTorch's allocator for CUDA device 0 of this process: one block
@@ -410,9 +422,7 @@ def install_cuda_arena(nbytes: int | None = None, *, limit: int | None = None, r
     size = int(nbytes if nbytes is not None else free.value - reserve) // ALIGN * ALIGN
     if size <= 0 or size > free.value:
         raise ArenaError(f"an arena of {size} bytes cannot be had: the device has {free.value} bytes free")
-    ptr = ctypes.c_uint64()
-    _check(drv.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(size)), f"an arena of {size} bytes")
-    arena = Arena(ptr.value, size, limit=limit, library=build_torch_library(), **kwargs)
+    arena = Arena(driver_alloc(size, f"an arena of {size} bytes"), size, limit=limit, library=build_torch_library(), **kwargs)
     # arena_torch.cpp's allocator rather than torch.cuda.memory.CUDAPluggableAllocator, which
     # refuses cuDNN's question for the largest free block (every convolution asks it)
     arena.lib.autotm_install_error.restype = ctypes.c_char_p

@@ -212,6 +212,8 @@ def hold_device_memory(fraction: float | None) -> None:
     """Hold the caching allocator to `fraction` of the device (None: all of it), from an empty
     cache and a fresh peak counter; with AUTOTM_CAP_BY=fill also take from the device what the
     cap does not allow (CAP_BY_ENV above)."""
+    from .arena import driver_alloc, driver_free
+
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -221,32 +223,14 @@ def hold_device_memory(fraction: float | None) -> None:
         torch._C._host_emptyCache()
     dev = torch.cuda.current_device()
     if dev in _fills:
-        _driver_free(_fills.pop(dev))
+        driver_free(_fills.pop(dev))
     torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else fraction)
     torch.cuda.reset_peak_memory_stats()
     if fraction is not None and cap_by() == "fill":
         free, total = torch.cuda.mem_get_info()
         n = fill_bytes(free, total, fraction, torch.cuda.memory_reserved())
         if n:
-            _fills[dev] = _driver_alloc(n)
-
-
-def _driver_alloc(nbytes: int) -> int:
-    import ctypes
-
-    from .arena import _check, _cuda_driver
-
-    ptr = ctypes.c_uint64()
-    _check(_cuda_driver().cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), f"a fill of {nbytes} bytes")
-    return int(ptr.value)
-
-
-def _driver_free(ptr: int) -> None:
-    import ctypes
-
-    from .arena import _check, _cuda_driver
-
-    _check(_cuda_driver().cuMemFree_v2(ctypes.c_uint64(ptr)), "freeing the fill")
+            _fills[dev] = driver_alloc(n, f"a fill of {n} bytes")
 
 
 def _fraction(budget: int) -> float:
@@ -299,4 +283,3 @@ def cuda_stages(make_step: Callable[[Plan], Any], inputs: Any, target: Any, step
         return cuda_trace(outcome.payload[0], inputs, target, budget)
 
     return run, trace
-
