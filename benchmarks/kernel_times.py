@@ -38,7 +38,7 @@ from autotm_py.optimizer.limits import plan_workspace  # noqa: E402
 from autotm_py.optimizer.plan import kernel_seconds  # noqa: E402
 from autotm_py.profiler import profile  # noqa: E402
 from autotm_py.runtime import compile as compile_plan  # noqa: E402
-from autotm_py.runtime import kernel_time_trace  # noqa: E402
+from autotm_py.runtime import kernel_gpu_trace, kernel_time_trace  # noqa: E402
 from autotm_py.runtime.fit import hold_device_memory  # noqa: E402
 from autotm_py.runtime.step import SEARCH_STEPS  # noqa: E402
 
@@ -68,6 +68,7 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
         before = torch.cuda.memory_stats()
         got = kernel_time_trace(step, x, y)
         after = torch.cuda.memory_stats()
+        work = kernel_gpu_trace(step, x, y)
         allocator = {k: after.get(k, 0) - before.get(k, 0) for k in
                      ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
         names = gpu_kernel_names(lambda: step(x, y))
@@ -81,15 +82,18 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
         c = measured.kernels[k.index]
         rows.append({"kernel": k.index, "op": k.op, "workspace": c.workspace, "reserved": int(ws[k.index]),
                      "with_ws": c.times[0], "without_ws": c.time_without_workspace,
-                     "predicted": float(pred[k.index]), "measured": float(got[k.index])})
+                     "predicted": float(pred[k.index]), "measured": float(got[k.index]),
+                     "gpu_busy": work[k.index].seconds if k.index in work else 0.0,
+                     "gpu_launches": list(work[k.index].launches) if k.index in work else []})
     # the kernels furthest from their prediction, timed again alone in this process (fresh
     # inputs, no cap): slow here too means the process (its cuDNN choices, its device state),
     # fast here means the step's own tensors or its order
     worst = sorted(rows, key=lambda r: -abs(r["measured"] - r["predicted"]))[:args.top]
     for r in worst:
-        r["isolated"] = isolated_seconds(graph.kernels[r["kernel"]])
+        r["isolated"], r["isolated_launches"] = isolated_seconds(graph.kernels[r["kernel"]])
     lines = [f"  {label}: step {secs:.3f} s (predicted {plan.predicted_seconds:.3f} s), peak {pk / 2**30:.2f} GiB, "
-             f"allocator retries {retries}; kernels measured {got.sum():.3f} s, predicted {pred.sum():.3f} s; "
+             f"allocator retries {retries}; kernels measured {got.sum():.3f} s (GPU busy in them "
+             f"{sum(r['gpu_busy'] for r in rows):.3f} s), predicted {pred.sum():.3f} s; "
              f"workspaces reserved whole at {sum(int(w) == c.workspace > 0 for w, c in zip(ws, measured.kernels))} "
              f"of {sum(c.workspace > 0 for c in measured.kernels)} kernels; allocator in the traced step {allocator}"]
     for r in worst:
@@ -98,7 +102,9 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
         lines.append(f"    #{r['kernel']:<5} {r['op'][5:40]:35} ws {r['workspace'] / 2**20:7.0f} MiB "
                      f"reserved {r['reserved'] / 2**20:7.0f} MiB  with {r['with_ws'] * 1e3:7.2f} ms  "
                      f"without {wo} ms  predicted {r['predicted'] * 1e3:7.2f}  measured {r['measured'] * 1e3:7.2f}  "
-                     f"alone now {alone}")
+                     f"GPU busy {r['gpu_busy'] * 1e3:7.2f}  alone now {alone}")
+        for where, launches in (("in step", r["gpu_launches"]), ("alone", r["isolated_launches"])):
+            lines.append(f"        {where:8} " + "; ".join(f"{n[:70]} {sec * 1e3:.2f} ms" for n, sec in launches[:4]))
     lines += [f"    {n['seconds'] * 1e3:8.2f} ms  x{n['count']:<4} {n['name'][:110]}" for n in names[:args.top]]
     print("\n".join(lines), flush=True)
     return {"status": st, "step_seconds": secs, "predicted_seconds": plan.predicted_seconds,
@@ -106,19 +112,21 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
             "kernels": rows}
 
 
-def isolated_seconds(kernel) -> float | None:
-    """`kernel` timed alone on fresh inputs, as the profiler times it; None where it cannot run."""
+def isolated_seconds(kernel) -> tuple[float | None, list]:
+    """`kernel` timed alone on fresh inputs, as the profiler times it, and the GPU kernels one
+    such call ran ((name, seconds)); (None, []) where it cannot run."""
     from autotm_py.profiler.harness import TimingPolicy, prepare_call, time_call
     from autotm_py.profiler.tiers import dram_alloc
 
     fast = dram_alloc("cuda")
     try:
         call = prepare_call(kernel, frozenset(), fast, fast, torch.device("cuda"))
-        return time_call(call.fn, TimingPolicy(warmup=1, min_runs=3, min_seconds=0.03, max_runs=50),
+        secs = time_call(call.fn, TimingPolicy(warmup=1, min_runs=3, min_seconds=0.03, max_runs=50),
                          "cuda", graphs=False).seconds
+        return secs, [(n["name"], n["seconds"]) for n in gpu_kernel_names(call.fn)]
     except Exception as exc:  # noqa: BLE001 - a diagnostic: report and go on
         print(f"    #{kernel.index}: not timed alone ({type(exc).__name__}: {str(exc)[:120]})", flush=True)
-        return None
+        return None, []
     finally:
         call = None  # noqa: F841
         torch.cuda.empty_cache()

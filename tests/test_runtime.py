@@ -271,3 +271,35 @@ def test_rewritten_cuda_plan_holds_what_the_plan_counts(name: str, batch: int, s
         arena.close()
     assert seen[StepInterpreter] == [0] * len(compute)
     assert max(seen[fx.Interpreter]) > 0
+
+
+def test_gpu_work_is_the_kernels_each_nodes_launches_started() -> None:
+    """Launches inside a node's range own the GPU events of their correlation ids, however
+    late those ran; a launch outside every range (a move) and GPU events without a launch
+    count for no node."""
+    from autotm_py.runtime.timing import RANGE_PREFIX, gpu_work_by_kernel
+
+    def rng(k: int, ts: float, dur: float, tid: int = 1) -> dict:
+        return {"cat": "user_annotation", "name": f"{RANGE_PREFIX}{k}", "ts": ts, "dur": dur, "tid": tid}
+
+    def launch(ts: float, corr: int, tid: int = 1) -> dict:
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1.0, "tid": tid,
+                "args": {"correlation": corr}}
+
+    def gpu(cat: str, name: str, ts: float, dur_us: float, corr: int) -> dict:
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur_us, "args": {"correlation": corr}}
+
+    events = [
+        rng(7, 0, 10), launch(2, 1), launch(5, 2),              # node 7: two launches
+        launch(12, 3),                                          # a move between nodes
+        rng(9, 20, 10), launch(21, 4), launch(29, 5, tid=2),    # node 9; a launch of another thread
+        gpu("kernel", "wgrad", 100, 40, 2), gpu("kernel", "dgrad", 50, 30, 1),
+        gpu("gpu_memset", "Memset", 45, 2, 1), gpu("gpu_memcpy", "Memcpy DtoH", 60, 500, 3),
+        gpu("kernel", "relu_bwd", 200, 5, 4), gpu("kernel", "other", 300, 7, 5), gpu("kernel", "lost", 400, 9, 99),
+    ]
+    work = gpu_work_by_kernel(events)
+    assert sorted(work) == [7, 9]
+    assert [n for n, _ in work[7].launches] == ["Memset", "dgrad", "wgrad"]  # in GPU order
+    assert [s for _, s in work[7].launches] == pytest.approx([2e-6, 30e-6, 40e-6])
+    assert work[7].seconds == pytest.approx(72e-6)
+    assert [n for n, _ in work[9].launches] == ["relu_bwd"] and work[9].seconds == pytest.approx(5e-6)

@@ -204,3 +204,26 @@ def test_a_steps_first_call_makes_the_library_workspaces_profiling_cleared(tmp_p
     make_library_workspaces(dev)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == made_again  # prepare made them: nothing more to make
+
+
+def test_kernel_gpu_trace_gives_each_node_its_own_kernels(tmp_path) -> None:
+    """Every GPU kernel of a planned step without moves ran inside some kernel node, so the
+    nodes' GPU work adds up to the step's kernel time in a profiler trace of the same step,
+    and each convolution node launched at least one kernel."""
+    from autotm_py.bench.peers import stream_breakdown
+    from autotm_py.runtime import kernel_gpu_trace
+
+    torch.backends.cudnn.benchmark = False
+    model, (x,), y = zoo.workload("resnet50", 4, device="cuda")
+    graph = capture(model, (x,), y, lr=0.01, device="cuda")
+    prof = profile(graph, device="cuda", cache=str(tmp_path / "k.sqlite"), progress=False)
+    plan = optimize(graph, prof, formulation="synchronous", limit_bytes=graph.peak_live_bytes, time_limit=30)
+    step = compile_plan(plan, model, lr=0.01)
+    for _ in range(2):
+        step(x, y)
+    work = kernel_gpu_trace(step, x, y)
+    convs = [k.index for k in graph.kernels if k.op.startswith("aten.convolution")]
+    assert convs and all(work.get(k) and work[k].seconds > 0 for k in convs)
+    total = stream_breakdown(lambda: step(x, y))["kernel_seconds"]
+    in_nodes = sum(sec for w in work.values() for name, sec in w.launches if "Memcpy" not in name and "Memset" not in name)
+    assert in_nodes == pytest.approx(total, rel=0.25)

@@ -6,11 +6,18 @@ through an fx.Interpreter (no synchronization in between, so copies still overla
 moves between kernels are not counted. The span between a kernel's two events also holds
 any time the GPU sat idle inside the node: where the caching allocator synchronizes the
 device to free its cache for the kernel's allocations, that stall is counted to the kernel.
+`kernel_gpu_trace` separates the two: each node runs inside a profiler range, and the GPU
+kernels its launches started (matched by the profiler's correlation ids) are the node's, with
+their own durations, so a slow kernel and a stall inside the node read apart.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -47,3 +54,94 @@ def kernel_time_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.
     for k, start, end in probe.events:
         out[k] += start.elapsed_time(end) / 1000.0
     return out
+
+
+# the profiler range each kernel node runs in: its kernel index after the prefix
+RANGE_PREFIX = "autotm_kernel:"
+# GPU work a node's launches start: kernels, and the memsets and device copies it issues
+_GPU_CATS = ("kernel", "gpu_memset", "gpu_memcpy")
+
+
+@dataclass(frozen=True)
+class GpuWork:
+    """The GPU work one kernel node launched: (name, seconds) of each GPU kernel, memset or
+    copy, in launch order."""
+
+    kernel: int
+    launches: tuple[tuple[str, float], ...]
+
+    @property
+    def seconds(self) -> float:
+        return sum(s for _, s in self.launches)
+
+
+class _RangeProbe(StepInterpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        k = n.meta.get("autotm_kernel") if n.op == "call_function" else None
+        if k is None:
+            return super().run_node(n)
+        with torch.profiler.record_function(f"{RANGE_PREFIX}{int(k)}"):
+            return super().run_node(n)
+
+
+def gpu_work_by_kernel(events: Iterable[dict[str, Any]]) -> dict[int, GpuWork]:
+    """The GPU work of each kernel node in a chrome trace of one step run by `_RangeProbe`:
+    a host launch (a CUDA runtime or driver call) inside a node's range on the same thread
+    owns the GPU events of its correlation id. Ranges do not nest (one per node)."""
+    ranges: dict[Any, list[tuple[float, float, int]]] = {}
+    launches: list[tuple[Any, float, int]] = []
+    gpu: dict[int, list[tuple[float, str, float]]] = {}
+    for e in events:
+        cat, name = e.get("cat", ""), e.get("name", "")
+        if cat == "user_annotation" and name.startswith(RANGE_PREFIX):
+            ts = float(e["ts"])
+            ranges.setdefault(e.get("tid"), []).append((ts, ts + float(e.get("dur", 0.0)), int(name[len(RANGE_PREFIX):])))
+        elif cat in ("cuda_runtime", "cuda_driver"):
+            corr = (e.get("args") or {}).get("correlation")
+            if corr is not None:
+                launches.append((e.get("tid"), float(e["ts"]), int(corr)))
+        elif cat in _GPU_CATS:
+            corr = (e.get("args") or {}).get("correlation")
+            if corr is not None:
+                gpu.setdefault(int(corr), []).append((float(e["ts"]), name, float(e.get("dur", 0.0)) * 1e-6))
+    for rs in ranges.values():
+        rs.sort()
+    owner: dict[int, int] = {}
+    for tid, ts, corr in launches:
+        rs = ranges.get(tid, [])
+        i = _last_at_or_before(rs, ts)
+        if i >= 0 and rs[i][0] <= ts <= rs[i][1]:
+            owner[corr] = rs[i][2]
+    out: dict[int, list[tuple[float, str, float]]] = {}
+    for corr, k in owner.items():
+        out.setdefault(k, []).extend(gpu.get(corr, []))
+    return {k: GpuWork(k, tuple((name, sec) for _, name, sec in sorted(v))) for k, v in out.items()}
+
+
+def _last_at_or_before(ranges: list[tuple[float, float, int]], ts: float) -> int:
+    lo, hi = 0, len(ranges)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ranges[mid][0] <= ts:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+def kernel_gpu_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.Tensor,
+                     target: torch.Tensor | None = None) -> dict[int, GpuWork]:
+    """The GPU work each kernel node of one planned CUDA step launched, from a profiler
+    trace (it updates the model like any other step); kernels that launch nothing are absent."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    if step.plan.device != "cuda":
+        raise RunError("a kernel GPU trace needs a CUDA plan")
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_with_probe(step, inputs, target, _RangeProbe)
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        prof.export_chrome_trace(fh.name)
+        events = json.loads(Path(fh.name).read_text()).get("traceEvents", [])
+    return gpu_work_by_kernel(events)
