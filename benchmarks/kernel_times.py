@@ -41,6 +41,7 @@ from autotm_py.runtime import compile as compile_plan  # noqa: E402
 from autotm_py.runtime import kernel_gpu_trace, kernel_time_trace  # noqa: E402
 from autotm_py.runtime.fit import hold_device_memory  # noqa: E402
 from autotm_py.runtime.step import SEARCH_STEPS  # noqa: E402
+from autotm_py.runtime.timing import trace_events  # noqa: E402
 
 
 def run_plan(args: argparse.Namespace, label: str) -> dict:
@@ -134,20 +135,8 @@ def isolated_seconds(kernel) -> tuple[float | None, list]:
 
 def gpu_kernel_names(step) -> list[dict]:
     """GPU kernels of one step by name (which cuDNN algorithms ran), longest total first."""
-    import tempfile
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-        prof.export_chrome_trace(fh.name)
-        events = json.loads(pathlib.Path(fh.name).read_text()).get("traceEvents", [])
     by: dict[str, list[float]] = {}
-    for e in events:
+    for e in trace_events(step):
         if e.get("cat") == "kernel":
             by.setdefault(e.get("name", "?"), []).append(float(e.get("dur", 0.0)) * 1e-6)
     return sorted(({"name": n, "seconds": sum(v), "count": len(v)} for n, v in by.items()),

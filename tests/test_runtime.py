@@ -273,7 +273,7 @@ def test_rewritten_cuda_plan_holds_what_the_plan_counts(name: str, batch: int, s
     assert max(seen[fx.Interpreter]) > 0
 
 
-def test_gpu_work_is_the_kernels_each_nodes_launches_started() -> None:
+def test_gpu_work_is_the_kernels_each_node_launches_started() -> None:
     """Launches inside a node's range own the GPU events of their correlation ids, however
     late those ran; a launch outside every range (a move) and GPU events without a launch
     count for no node."""

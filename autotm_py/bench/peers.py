@@ -18,12 +18,9 @@ measured pinned-copy bandwidth.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -196,17 +193,9 @@ def stream_breakdown(step: Callable[[], Any]) -> dict[str, Any]:
     """Where one step's GPU time goes, from a torch.profiler trace (breakdown_from_events).
     When the planned step is slower than predicted, this says whether its kernels ran slower
     than profiled, waited on copies, or waited on the host."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    from ..runtime.timing import trace_events
 
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-        prof.export_chrome_trace(fh.name)
-        events = json.loads(Path(fh.name).read_text()).get("traceEvents", [])
-    return breakdown_from_events(events)
+    return breakdown_from_events(trace_events(step))
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

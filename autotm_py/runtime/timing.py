@@ -13,11 +13,13 @@ their own durations, so a slow kernel and a stall inside the node read apart.
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +67,7 @@ _GPU_CATS = ("kernel", "gpu_memset", "gpu_memcpy")
 @dataclass(frozen=True)
 class GpuWork:
     """The GPU work one kernel node launched: (name, seconds) of each GPU kernel, memset or
-    copy, in launch order."""
+    copy, in the order they started on the GPU."""
 
     kernel: int
     launches: tuple[tuple[str, float], ...]
@@ -109,8 +111,8 @@ def gpu_work_by_kernel(events: Iterable[dict[str, Any]]) -> dict[int, GpuWork]:
     owner: dict[int, int] = {}
     for tid, ts, corr in launches:
         rs = ranges.get(tid, [])
-        i = _last_at_or_before(rs, ts)
-        if i >= 0 and rs[i][0] <= ts <= rs[i][1]:
+        i = bisect.bisect_right(rs, (ts, math.inf, math.inf)) - 1  # the last range starting at or before ts
+        if i >= 0 and ts <= rs[i][1]:
             owner[corr] = rs[i][2]
     out: dict[int, list[tuple[float, str, float]]] = {}
     for corr, k in owner.items():
@@ -118,30 +120,25 @@ def gpu_work_by_kernel(events: Iterable[dict[str, Any]]) -> dict[int, GpuWork]:
     return {k: GpuWork(k, tuple((name, sec) for _, name, sec in sorted(v))) for k, v in out.items()}
 
 
-def _last_at_or_before(ranges: list[tuple[float, float, int]], ts: float) -> int:
-    lo, hi = 0, len(ranges)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ranges[mid][0] <= ts:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
+def trace_events(run: Callable[[], Any]) -> list[dict[str, Any]]:
+    """The chrome-trace events of a torch.profiler trace (host and CUDA activity) of `run()`,
+    from a synchronized device to the end of the GPU work it started."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        prof.export_chrome_trace(fh.name)
+        return json.loads(Path(fh.name).read_text()).get("traceEvents", [])
 
 
 def kernel_gpu_trace(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.Tensor,
                      target: torch.Tensor | None = None) -> dict[int, GpuWork]:
     """The GPU work each kernel node of one planned CUDA step launched, from a profiler
     trace (it updates the model like any other step); kernels that launch nothing are absent."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     if step.plan.device != "cuda":
         raise RunError("a kernel GPU trace needs a CUDA plan")
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_with_probe(step, inputs, target, _RangeProbe)
-    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
-        prof.export_chrome_trace(fh.name)
-        events = json.loads(Path(fh.name).read_text()).get("traceEvents", [])
-    return gpu_work_by_kernel(events)
+    return gpu_work_by_kernel(trace_events(lambda: run_with_probe(step, inputs, target, _RangeProbe)))
