@@ -77,3 +77,30 @@ def test_async_candidates_option(tmp_path):
     assert r.exit_code == 0, r.output
     assert Plan.load(str(out)).predicted_seconds <= Plan.load(str(tmp_path / "1.json")).predicted_seconds
     _one_sentence(run(W, "--ratio", "1:4", "--estimate", "--refine-seconds", "-2"), "--refine-seconds")
+
+
+def test_a_saved_graph_is_planned_from_another_machines_cached_rows(tmp_path):
+    """The shipped CPU cache's rows (the 2-core machine's fingerprint) give the same plan for
+    a graph file as for the captured model, whatever machine runs this, and write nothing."""
+    import shutil
+    from pathlib import Path
+
+    cache = tmp_path / "cpu.sqlite"
+    shutil.copy(Path(__file__).parents[1] / "kernels_cache" / "cpu.sqlite", cache)
+    before = cache.read_bytes()
+    fp = "AMD EPYC|threads=2|torch=2.13.0+cpu"
+    g = tmp_path / "vgg19.json"
+    r = CliRunner().invoke(main_group, ["graph", "vgg19", "--batch", "16", "--out", str(g), "--json"])
+    assert r.exit_code == 0, r.output
+    common = ["--ratio", "1:4", "--formulation", "synchronous", "--cache", str(cache), "--fingerprint", fp, "--json"]
+    from_file = run(str(g), *common)
+    captured = run("vgg19", "--batch", "16", *common)
+    assert from_file.exit_code == 0 and captured.exit_code == 0, from_file.output + captured.output
+    a = json.loads(from_file.output)["plans"]
+    b = json.loads(captured.output)["plans"]
+    assert a["status"] == "optimal" and a["predicted_seconds"] == b["predicted_seconds"] > 0
+    assert cache.read_bytes() == before
+    _one_sentence(run(str(g), "--device", "cuda", "--budget", "1GiB", "--fingerprint", fp), "captured for cpu")
+    _one_sentence(run(str(g), "--batch", "8", "--ratio", "1:4"), "drop --batch")
+    _one_sentence(run(str(g), "--ratio", "1:4", "--cache", str(cache), "--fingerprint", "H100"),
+                  "no device fingerprint containing 'H100'")

@@ -387,3 +387,31 @@ def test_no_workspace_times_leave_this_process_algorithms_alone(tmp_path):
     again_prof = profile(g, device="cuda", cache=tmp_path / "c.sqlite", progress=False)
     assert again_prof.stats["configs_measured"] == 0
     assert [c.time_without_workspace for c in again_prof.kernels] == [c.time_without_workspace for c in prof.kernels]
+
+
+# ---- another machine's profile, from the cache alone ---------------------------------------
+def test_a_profile_from_the_cache_alone_is_the_profiled_one_and_measures_nothing(twin_conv_graph, tmp_path):
+    import sqlite3
+
+    from autotm_py.profiler import CacheError
+
+    g = twin_conv_graph
+    measured = _run(g, tmp_path, slow_tier="model")
+    rows = sqlite3.connect(tmp_path / "c.sqlite").execute("SELECT COUNT(*) FROM kernels").fetchone()[0]
+    fp = measured.device_fingerprint
+    # a part of the fingerprint that names one device is enough
+    for name in (fp, fp.split("|")[1]):
+        again = profile(g, cache=tmp_path / "c.sqlite", progress=False, fingerprint=name)
+        assert again.device_fingerprint == fp and again.stats["configs_measured"] == 0
+        assert [c.times for c in again.kernels] == [c.times for c in measured.kernels]
+        assert again.bandwidths == measured.bandwidths
+    assert sqlite3.connect(tmp_path / "c.sqlite").execute("SELECT COUNT(*) FROM kernels").fetchone()[0] == rows
+    with pytest.raises(CacheError, match="no device fingerprint containing 'no such machine'"):
+        profile(g, cache=tmp_path / "c.sqlite", progress=False, fingerprint="no such machine")
+    # a kernel the cache has no row for: an error naming what is missing, and nothing timed
+    i = next(k.index for k in g.kernels if k.op == "aten.mm.default")
+    other = dataclasses.replace(g.kernels[i], args={**g.kernels[i].args, "kwargs": {"x": 1}})
+    g2 = dataclasses.replace(g, kernels=g.kernels[:i] + (other,) + g.kernels[i + 1:])
+    with pytest.raises(CacheError, match=r"lacks 1 timings of 1 of this graph's \d+ unique kernels"):
+        profile(g2, cache=tmp_path / "c.sqlite", progress=False, fingerprint=fp)
+    assert sqlite3.connect(tmp_path / "c.sqlite").execute("SELECT COUNT(*) FROM kernels").fetchone()[0] == rows

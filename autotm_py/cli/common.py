@@ -133,6 +133,27 @@ def capture_workload(model: str, batch: int | None, device: str = "cpu", optimiz
                    device=device, name=w.name, batch=w.batch)
 
 
+def load_graph_file(path: str):
+    """A graph saved by `autotm graph --out` (plain or gzipped JSON)."""
+    import gzip
+    import json
+
+    from ..graph.types import Graph
+
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt") as fh:
+            return Graph.from_json(json.load(fh))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a graph saved by `autotm graph --out`: {exc}") from None
+
+
+def is_graph_file(model: str) -> bool:
+    import os
+
+    return model.endswith((".json", ".json.gz")) and os.path.isfile(model)
+
+
 def check_device(device: str) -> None:
     if device == "cuda":
         import torch

@@ -10,7 +10,8 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from .common import UserError, capture_workload, check_device, console, emit_json, human_bytes, parse_size, user_errors
+from .common import (UserError, capture_workload, check_device, console, emit_json, human_bytes, is_graph_file,
+                     load_graph_file, parse_size, user_errors)
 
 CHOICES = ("static", "synchronous", "asynchronous", "numa", "2lm", "all")
 
@@ -30,7 +31,7 @@ def _optimizer_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _get_profile(graph: Any, device: str, estimate: bool, slow_tier: str | None, cache: str | None,
-                 quiet: bool) -> Any:
+                 quiet: bool, fingerprint: str | None = None) -> Any:
     if estimate:
         from ..optimizer.roofline import roofline_profile
 
@@ -38,7 +39,8 @@ def _get_profile(graph: Any, device: str, estimate: bool, slow_tier: str | None,
     from ..profiler import profile  # profiles what the cache lacks, with its progress bar
 
     try:
-        return profile(graph, device=device, slow_tier=slow_tier, cache=cache, progress=not quiet)
+        return profile(graph, device=device, slow_tier=slow_tier, cache=cache, progress=not quiet,
+                       fingerprint=fingerprint)
     except Exception as exc:  # cache or tier problems are the user's to fix
         from ..profiler import CacheError, TierError
 
@@ -88,6 +90,10 @@ def _summary(plan: Any) -> dict[str, Any]:
               help="Use a roofline estimate of kernel times instead of profiling (modeled).")
 @click.option("--slow-tier", default=None, metavar="SPEC", help="CPU slow tier for profiling: pmem:PATH, numa:NODE or model.")
 @click.option("--cache", default=None, metavar="PATH", help="Kernel cache file or folder.")
+@click.option("--fingerprint", default=None, metavar="TEXT",
+              help="Plan for another machine from the cache alone: the device fingerprint whose rows to "
+                   "use (or a part of it that names one; `autotm cache info` lists them). Nothing is "
+                   "measured, so --device cuda needs no GPU here; with a graph file as MODEL.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
 @click.option("--check", "check_plan", default=None, metavar="PLAN",
               help="Verify an existing plan file against this workload instead of optimizing.")
@@ -100,15 +106,20 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
                  formulation: str, device: str, solver: str, time_limit: float, gap: float,
                  async_window: int, async_candidates: str, refine_seconds: float, move_state: bool,
                  estimate: bool, slow_tier: str | None,
-                 cache: str | None, optimizer: str, check_plan: str | None, as_json: bool,
-                 out: str | None) -> None:
+                 cache: str | None, fingerprint: str | None, optimizer: str, check_plan: str | None,
+                 as_json: bool, out: str | None) -> None:
     """Decide where every tensor of MODEL's training step lives and when it moves.
+
+    MODEL is a zoo name, `package.module:function`, or a graph saved by `autotm graph --out`
+    (GRAPH.json or .json.gz), which needs no capture here (a CUDA graph on a machine
+    without CUDA, with --fingerprint).
 
     \b
     Examples:
       autotm optimize vgg19 --ratio 1:4
       autotm optimize vgg19 --dram 2GiB --formulation all --json
       autotm optimize resnet50 --device cuda --budget 10GiB --formulation asynchronous
+      autotm optimize r152.json.gz --device cuda --budget 24GiB --fingerprint "H200"
     """
     from ..optimizer import Infeasible, Plan, limit_from_ratio, optimize, parse_ratio, verify
 
@@ -141,12 +152,23 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
         raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
     candidates: int | str | None = (None if async_candidates == "all" else async_candidates
                                     if async_candidates == "auto" else int(async_candidates))
-    check_device(device)
-
-    graph = capture_workload(model, batch, device=device, optimizer=optimizer)
+    if fingerprint is not None and estimate:
+        raise UserError("--fingerprint takes another machine's profile from the cache; drop --estimate")
+    if is_graph_file(model):
+        if batch is not None:
+            raise UserError(f"{model} is a captured graph with its own batch; drop --batch")
+        graph = load_graph_file(model)
+        if graph.device != device:
+            raise UserError(f"{model} was captured for {graph.device}; pass --device {graph.device}")
+    else:
+        graph = None
+    if fingerprint is None:
+        check_device(device)
+    if graph is None:
+        graph = capture_workload(model, batch, device=device, optimizer=optimizer)
     if check_plan is not None:
         plan = Plan.load(check_plan, graph)
-        prof = _get_profile(graph, plan.device, estimate, slow_tier, cache, as_json)
+        prof = _get_profile(graph, plan.device, estimate, slow_tier, cache, as_json, fingerprint)
         verify(plan, graph, prof)
         summary = {**_summary(plan), "valid": True}
         if as_json:
@@ -156,7 +178,7 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
                           f"{graph.batch}, predicted {plan.predicted_seconds:.4g} s "
                           f"(x{plan.slowdown:.3f} of all fast memory)")
         return
-    prof = _get_profile(graph, device, estimate, slow_tier, cache, as_json)
+    prof = _get_profile(graph, device, estimate, slow_tier, cache, as_json, fingerprint)
     limit_bytes = limit if limit is not None else limit_from_ratio(graph, ratio, move_state=move_state)  # type: ignore[arg-type]
     if formulation == "all":
         forms = ["static", "synchronous", "asynchronous"] + (["numa", "2lm"] if device == "cpu" else [])

@@ -37,7 +37,7 @@ import torch
 from ..graph.types import Graph, Kernel, kernel_signature
 from . import bandwidth as bwmod
 from . import noworkspace
-from .cache import KernelCache, KernelRow
+from .cache import CacheError, KernelCache, KernelRow
 from .fingerprint import device_fingerprint
 from .harness import ReplayError, TimingPolicy, out_variant, release_cuda_state, resolve_op, time_kernel
 from .model import OptaneModel, storage_bytes
@@ -162,7 +162,8 @@ def _failure_estimate(kernel: Kernel, bw: Bandwidths) -> float:
 def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cache: Any = None, *,
             progress: bool = True, policy: TimingPolicy = KERNEL_POLICY,
             on_measurement: Callable[[int], None] | None = None,
-            bandwidth_sizes: tuple[int, ...] = bwmod.DEFAULT_SIZES, cudnn_benchmark: bool = True) -> Profile:
+            bandwidth_sizes: tuple[int, ...] = bwmod.DEFAULT_SIZES, cudnn_benchmark: bool = True,
+            fingerprint: str | None = None) -> Profile:
     """Time every kernel of `graph` under its IO configurations, through the kernel cache.
 
     `slow_tier`: "model", "pmem:PATH" or "numa:NODE" on CPU (None: a memory-only NUMA node if
@@ -170,11 +171,16 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
     an open KernelCache, or None for AUTOTM_CACHE / the project's kernels_cache/.
     `on_measurement(n)` is called after the n-th new measurement is committed.
     `cudnn_benchmark=False` profiles cuDNN's heuristic algorithm choice instead of the
-    benchmarked one (smaller workspaces); its rows are kept apart in the cache."""
+    benchmarked one (smaller workspaces); its rows are kept apart in the cache.
+    `fingerprint`: the profile of another machine, from the rows the cache holds under that
+    device fingerprint (or the one fingerprint in the cache containing it); nothing is
+    measured, so it needs no such device here, and a row the cache lacks is a CacheError."""
     start = time.perf_counter()
     busy0 = _cpu_busy()
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}; use cpu or cuda")
+    if fingerprint is not None:
+        return _cached_profile(graph, device, slow_tier, cache, fingerprint, bandwidth_sizes, start)
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device cuda was asked for, but this machine has no usable CUDA device")
@@ -214,17 +220,55 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
     return dataclasses.replace(prof, stats=stats)
 
 
+def _cached_profile(graph: Graph, device: str, slow_tier: str | None, cache: Any, fingerprint: str,
+                    bandwidth_sizes: tuple[int, ...], start: float) -> Profile:
+    """profile(..., fingerprint=...): another machine's profile, from the cache alone."""
+    if device == "cuda" and slow_tier not in (None, "pinned"):
+        raise ValueError("on CUDA the slow tier is pinned host memory; drop --slow-tier")
+    own_cache = not isinstance(cache, KernelCache)
+    kc = KernelCache.open(cache, device) if own_cache else cache
+    try:
+        known = sorted(kc.info()["devices"])
+        fp = fingerprint if fingerprint in known else None
+        if fp is None:
+            hits = [f for f in known if fingerprint in f]
+            if len(hits) != 1:
+                which = "no device fingerprint" if not hits else f"{len(hits)} device fingerprints"
+                raise CacheError(f"{kc.path} holds {which} containing {fingerprint!r}; "
+                                 f"it holds: {'; '.join(known) or 'none'}")
+            fp = hits[0]
+        if device == "cuda":
+            tier: Any = ModelTier(spec="pinned", key="pinned", modeled=False, note="pinned host memory")
+        else:
+            tier = ModelTier() if slow_tier in (None, "model") else None
+            if tier is None:
+                raise ValueError("a CPU profile from the cache alone models its slow tier; "
+                                 "drop --slow-tier or give model")
+        return _profile(graph, device, tier, False, kc, False, KERNEL_POLICY, None, bandwidth_sizes,
+                        start, fp, measure=False)
+    finally:
+        if own_cache:
+            kc.close()
+
+
+def _missing(what: str, fp: str, kc: KernelCache) -> CacheError:
+    return CacheError(f"{kc.path} lacks {what} for {fp}: profile this workload on that machine "
+                      "(or import its rows with autotm cache import)")
+
+
 def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCache, progress: bool,
              policy: TimingPolicy, on_measurement: Callable[[int], None] | None,
-             bandwidth_sizes: tuple[int, ...], start: float, fp: str) -> Profile:
+             bandwidth_sizes: tuple[int, ...], start: float, fp: str, measure: bool = True) -> Profile:
     notices = [n for n in (kc.notice,) if n]
     # ---- bandwidths (cached per device and tier) -----------------------------------------
     bw_tier = "dram" if tier.key == "model" else tier.key
     bw = kc.bandwidths(fp, bw_tier)
-    if bw is not None and bw.sizes[-1] < bandwidth_sizes[-1]:
+    if bw is not None and measure and bw.sizes[-1] < bandwidth_sizes[-1]:
         bw = None  # cached by a shorter probe: measure the sizes asked for
     bandwidths_measured = bw is None
     bw_start = time.perf_counter()
+    if bw is None and not measure:
+        raise _missing(f"the {bw_tier} copy bandwidths", fp, kc)
     if bw is None:
         if progress:
             from rich.console import Console
@@ -259,6 +303,9 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
         if missing:
             todo.append((sig, ks[0], missing))
 
+    if todo and not measure:
+        raise _missing(f"{sum(len(m) for _, _, m in todo)} timings of {len(todo)} of this graph's "
+                       f"{len(groups)} unique kernels", fp, kc)
     # ---- measure what the cache lacks, committing each result -----------------------------
     measured = 0
     workspaces = kc.workspaces(fp) if device == "cuda" else {}
@@ -298,6 +345,8 @@ def _profile(graph: Graph, device: str, tier: Any, real_tier: bool, kc: KernelCa
                      and room_of(workspaces[sig]) > 0]
             if not short:
                 continue
+            if not measure:
+                raise _missing(f"the times {what} of {len(short)} kernels", fp, kc)
             with _progress(progress, len(short), what) as advance:
                 def record(i: int, r: noworkspace.Result) -> None:  # called within this iteration
                     nonlocal measured
