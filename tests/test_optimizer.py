@@ -698,3 +698,34 @@ def test_kernels_of_one_signature_reserve_their_workspace_alike(monkeypatch):
         assert plan.workspace[twins[0]] == plan.workspace[twins[1]] in (small, ws)
         outcomes.add(plan.workspace[twins[0]])
     assert outcomes == {small, ws}
+
+
+def test_phase_seconds_split_the_prediction_at_the_peak():
+    """Two hand-placed moves on an all-fast plan of the chain graph: an async write-back
+    overlapping kernel 1 (longer than the kernel), a sync fetch at kernel 6."""
+    from autotm_py.optimizer.plan import Move, phase_seconds, predict_seconds
+
+    g = chain_graph()
+    prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
+    base = optimize(g, prof, formulation="synchronous", limit_bytes=10_000, mip_gap=0.0)
+    assert not base.moves
+    peak = g.peak_kernel
+    assert 1 < peak <= 6
+    t = {k.index: prof.kernels[k.index].times[0] for k in g.kernels if not k.view}
+    bw = prof.bandwidths
+    w = bw.move_seconds(50_000, "write", True)
+    r = bw.move_seconds(50, "read", False)
+    assert w > t[1]
+    plan = dataclasses.replace(base, moves=(Move(2, "to_slow", "async", 1, 50_000), Move(2, "to_fast", "sync", 6, 50)))
+    ph = phase_seconds(g, prof, plan)
+    before = sum(v for k, v in t.items() if k < peak)
+    after = sum(v for k, v in t.items() if k >= peak)
+    assert ph["before_peak"]["kernel_seconds"] == pytest.approx(before)
+    assert ph["before_peak"]["copy_seconds"] == pytest.approx(w)
+    assert ph["before_peak"]["predicted_seconds"] == pytest.approx(before - t[1] + w)
+    assert ph["before_peak"]["copy_idle_seconds"] == pytest.approx(before - t[1])
+    assert ph["from_peak"]["kernel_seconds"] == pytest.approx(after)
+    assert ph["from_peak"]["copy_seconds"] == pytest.approx(r)
+    assert ph["from_peak"]["predicted_seconds"] == pytest.approx(after + r)
+    total = predict_seconds(g, prof, plan.kernel_masks, plan.moves, plan.workspace)
+    assert ph["before_peak"]["predicted_seconds"] + ph["from_peak"]["predicted_seconds"] == pytest.approx(total)

@@ -49,7 +49,9 @@ def _get_profile(graph: Any, device: str, estimate: bool, slow_tier: str | None,
         raise
 
 
-def _summary(plan: Any) -> dict[str, Any]:
+def _summary(plan: Any, graph: Any, prof: Any) -> dict[str, Any]:
+    from ..optimizer.plan import phase_seconds
+
     s = plan.solver
     return {
         "formulation": plan.formulation, "predicted_seconds": plan.predicted_seconds,
@@ -58,7 +60,7 @@ def _summary(plan: Any) -> dict[str, Any]:
         "limit_bytes": plan.limit_bytes, "ratio": plan.ratio, "modeled": plan.modeled,
         "moves": len(plan.moves), "build_seconds": s.build_seconds, "solve_seconds": s.solve_seconds,
         "status": s.status, "gap": s.gap, "variables": s.variables, "constraints": s.constraints,
-        "nonzeros": s.nonzeros, "backend": s.backend,
+        "nonzeros": s.nonzeros, "backend": s.backend, "phases": phase_seconds(graph, prof, plan),
     }
 
 
@@ -170,7 +172,7 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
         plan = Plan.load(check_plan, graph)
         prof = _get_profile(graph, plan.device, estimate, slow_tier, cache, as_json, fingerprint)
         verify(plan, graph, prof)
-        summary = {**_summary(plan), "valid": True}
+        summary = {**_summary(plan, graph, prof), "valid": True}
         if as_json:
             emit_json(summary)
         else:
@@ -211,7 +213,7 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
         for f, plan in plans.items():
             plan.save(str(p if len(forms) == 1 else p.with_name(f"{p.stem}.{f}.json")))
     if as_json:
-        rows = {f: _summary(pl) for f, pl in plans.items()}
+        rows = {f: _summary(pl, graph, prof) for f, pl in plans.items()}
         rows.update({f: {"formulation": f, "error": e} for f, e in errors.items()})
         emit_json({"model": graph.name, "batch": graph.batch, "device": device,
                    "limit_bytes": limit_bytes, "ratio": ratio, "peak_live_bytes": graph.peak_live_bytes,

@@ -258,24 +258,48 @@ def kernel_seconds(profile: Profile, kernel: int, mask: int, workspace: int | No
     return max(times.values())
 
 
+def _time_terms(graph: Graph, profile: Profile, masks: Iterable[int], moves: Iterable[Move],
+                workspace: Sequence[int] | None) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+    """Per kernel: its time under its mask and workspace, the async copy seconds that overlap
+    it, and the sync copy seconds issued at it."""
+    bw = profile.bandwidths
+    kt = {k: kernel_seconds(profile, k, m, None if workspace is None else int(workspace[k]))
+          for k, m in enumerate(masks) if not graph.kernels[k].view}
+    async_load: dict[int, float] = {}
+    sync: dict[int, float] = {}
+    for mv in moves:
+        direction = "read" if mv.direction == "to_fast" else "write"
+        secs = bw.move_seconds(mv.nbytes, direction, mv.kind == "async")
+        load = async_load if mv.kind == "async" else sync
+        load[mv.kernel] = load.get(mv.kernel, 0.0) + secs
+    return kt, async_load, sync
+
+
 def predict_seconds(graph: Graph, profile: Profile, masks: Iterable[int], moves: Iterable[Move],
                     workspace: Sequence[int] | None = None) -> float:
     """Step time: kernels under their masks (and with the workspace each gets; None: all it
     wants), plus sync moves, with async moves hidden behind the kernel they overlap (each
     such kernel costs max(its time, its async traffic))."""
-    bw = profile.bandwidths
-    kt = {k: kernel_seconds(profile, k, m, None if workspace is None else int(workspace[k]))
-          for k, m in enumerate(masks) if not graph.kernels[k].view}
-    async_load: dict[int, float] = {}
-    sync = 0.0
-    for mv in moves:
-        direction = "read" if mv.direction == "to_fast" else "write"
-        secs = bw.move_seconds(mv.nbytes, direction, mv.kind == "async")
-        if mv.kind == "async":
-            async_load[mv.kernel] = async_load.get(mv.kernel, 0.0) + secs
-        else:
-            sync += secs
-    return sync + sum(max(t, async_load.get(k, 0.0)) for k, t in kt.items())
+    kt, async_load, sync = _time_terms(graph, profile, masks, moves, workspace)
+    return sum(sync.values()) + sum(max(t, async_load.get(k, 0.0)) for k, t in kt.items())
+
+
+def phase_seconds(graph: Graph, profile: Profile, plan: "Plan") -> dict[str, dict[str, float]]:
+    """The plan's predicted time before the unplanned peak (the forward pass, where data
+    leaves) and from it on (backward and update, where data comes back): its kernels' time,
+    its copies' time, and the time in which no copy runs (copy engine idle), by the rule of
+    predict_seconds. A phase bound by its copies is at their time only where every kernel
+    runs beside one; each async copy stays with the one kernel it overlaps."""
+    kt, async_load, sync = _time_terms(graph, profile, plan.kernel_masks, plan.moves, plan.workspace)
+    peak = graph.peak_kernel
+    out: dict[str, dict[str, float]] = {}
+    for name, inside in (("before_peak", lambda k: k < peak), ("from_peak", lambda k: k >= peak)):
+        ks = [k for k in kt if inside(k)]
+        copies = sum(async_load.get(k, 0.0) for k in ks) + sum(v for k, v in sync.items() if inside(k))
+        predicted = sum(max(kt[k], async_load.get(k, 0.0)) for k in ks) + sum(v for k, v in sync.items() if inside(k))
+        out[name] = {"kernel_seconds": sum(kt[k] for k in ks), "copy_seconds": copies,
+                     "predicted_seconds": predicted, "copy_idle_seconds": predicted - copies}
+    return out
 
 
 def fixed_tensor_plans(graph: Graph, free: set[int]) -> list[TensorPlan]:
