@@ -60,7 +60,8 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
         for c in measured.kernels))
     limit = cap if label == "nomoves" else int(cap * (1 - args.margin))
     plan = optimize(graph, prof, formulation=args.formulation, limit_bytes=limit, time_limit=args.time_limit)
-    step = compile_plan(plan, model, lr=entry.lr, search_steps=args.search_steps)
+    step = compile_plan(plan, model, lr=entry.lr, search_steps=args.search_steps,
+                        choose_algorithms=args.choose_algorithms)
     st, secs, pk, retries = _measure(lambda: step(x, y), args.steps, x.device, run_cap)
     if st != "ok":
         print(f"  {label}: {st} (peak {pk / 2**30:.2f} GiB)", flush=True)
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("--cudnn-benchmark", action="store_true")
     ap.add_argument("--search-steps", type=int, default=SEARCH_STEPS,
                     help="planned calls in which cuDNN may search algorithms (runtime.compile)")
+    ap.add_argument("--choose-algorithms", action="store_true",
+                    help="choose each convolution's cuDNN algorithm before the first step (runtime.algorithms)")
     ap.add_argument("--margin", type=float, default=0.0,
                     help="solve capped plans this share below the cap (run them at the cap)")
     ap.add_argument("--out", default=None, help="write the per-kernel table as JSON here")

@@ -303,3 +303,32 @@ def test_gpu_work_is_the_kernels_each_node_launches_started() -> None:
     assert [s for _, s in work[7].launches] == pytest.approx([2e-6, 30e-6, 40e-6])
     assert work[7].seconds == pytest.approx(72e-6)
     assert [n for n, _ in work[9].launches] == ["relu_bwd"] and work[9].seconds == pytest.approx(5e-6)
+
+
+def test_algorithm_rooms_are_the_smallest_room_the_plan_leaves_each_convolution_shape():
+    """Two identical 3x3 convolutions (one cuDNN shape forward), each given its own room by
+    hand; the smallest one is the shape's, and no room is below the profile's smallest."""
+    import dataclasses
+
+    from autotm_py.optimizer.roofline import roofline_profile
+    from autotm_py.profiler.noworkspace import SLACK_BYTES
+    from autotm_py.profiler.profile import signature_key
+    from autotm_py.runtime.algorithms import CONVOLUTIONS, algorithm_rooms
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    g = capture(net, (torch.randn(2, 4, 8, 8),), torch.zeros(2, dtype=torch.long))
+    plan = optimize(g, roofline_profile(g), formulation="synchronous", limit_bytes=1 << 30)
+    convs = [k for k in g.kernels if k.op in CONVOLUTIONS]
+    fwd = [k for k in convs if k.op == "aten.convolution.default"]
+    assert len(fwd) == 2 and signature_key(fwd[0]) == signature_key(fwd[1])
+    ws = [0] * len(g.kernels)
+    ws[fwd[0].index], ws[fwd[1].index] = 100 << 20, 50 << 20
+    rooms = algorithm_rooms(g, dataclasses.replace(plan, workspace=tuple(ws)))
+    assert set(rooms) == {signature_key(k) for k in convs}
+    assert rooms[signature_key(fwd[0])][1] == 50 << 20
+    assert rooms[signature_key(fwd[0])][0] is fwd[1]
+    back = [k for k in convs if k.op != "aten.convolution.default"]
+    assert back and all(rooms[signature_key(k)][1] == SLACK_BYTES for k in back)
+    assert algorithm_rooms(g, dataclasses.replace(plan, workspace=None)) == {}

@@ -106,10 +106,30 @@ def measure(kernels: Sequence[Kernel], policy: TimingPolicy, cudnn_benchmark: bo
     return [results[i] for i in range(len(kernels))]
 
 
+def leave_room(kernel: Kernel, room: int, device: object) -> object:
+    """With `kernel`'s inputs allocated, take the device's free memory (a tensor, returned:
+    the room lasts while it lives) down to what its outputs need plus `room`, from an empty
+    cache, so that cuDNN's choice for it sees `room` free for a workspace. Under a per-process
+    memory fraction, free is what the fraction still allows."""
+    import torch
+
+    from .harness import storage_extents
+
+    ins = set(kernel.input_storages)
+    out_bytes = sum(b for s, b in zip(kernel.storages, storage_extents(kernel)) if s not in ins)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    free = min(free, int(fraction * total) - torch.cuda.memory_reserved())
+    fill = (free - out_bytes - room) // (2 << 20) * (2 << 20)
+    return torch.empty(fill, dtype=torch.uint8, device=device) if fill > 0 else None
+
+
 def _child(path: str) -> None:
     import torch
 
-    from .harness import _quiet, cuda_workspace, prepare_call, storage_extents, time_call
+    from .harness import _quiet, cuda_workspace, prepare_call, time_call
     from .tiers import dram_alloc
 
     with open(path, "rb") as fh:
@@ -123,14 +143,7 @@ def _child(path: str) -> None:
         try:
             with _quiet():
                 call = prepare_call(k, frozenset(), fast, fast, dev)
-                ins = set(k.input_storages)
-                out_bytes = sum(b for s, b in zip(k.storages, storage_extents(k)) if s not in ins)
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                free, _ = torch.cuda.mem_get_info()
-                fill = (free - out_bytes - room) // (2 << 20) * (2 << 20)
-                if fill > 0:
-                    filler = torch.empty(fill, dtype=torch.uint8, device=dev)
+                filler = leave_room(k, room, dev)
                 t = time_call(call.fn, job["policy"], "cuda", graphs=False)
                 out.update(seconds=t.seconds, runs=t.runs, workspace=cuda_workspace(call.fn))
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot run this way is recorded

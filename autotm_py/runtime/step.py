@@ -87,6 +87,7 @@ class PlannedStep:
     optimizer: torch.optim.Optimizer | None = None
     slow_tier: str | None = None
     search_steps: int = SEARCH_STEPS
+    choose_algorithms: bool = False  # CUDA: runtime.algorithms.choose_algorithms before the first call
     passes: tuple[Callable[[Any], Any], ...] = ()  # fx passes on the rewritten step, in order
     graph: Graph | None = None
     rewrite: RewriteStats | None = None
@@ -120,6 +121,10 @@ class PlannedStep:
                 "optimize this workload again")
         if dev.type == "cuda":
             make_library_workspaces(dev)
+            if self.choose_algorithms:
+                from .algorithms import choose_algorithms
+
+                choose_algorithms(graph, self.plan, dev)
             mover: Mover = CudaMover(dev)
         else:
             from ..profiler.tiers import open_slow_tier
@@ -256,14 +261,16 @@ def _algorithms_kept(active: bool) -> Iterator[None]:
 def compile(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
             lr: float | None = None, loss: str | Callable[..., torch.Tensor] = "cross_entropy",
             slow_tier: str | None = None, search_steps: int = SEARCH_STEPS,
-            passes: Sequence[Callable[[Any], Any]] = ()) -> PlannedStep:
+            passes: Sequence[Callable[[Any], Any]] = (), choose_algorithms: bool = False) -> PlannedStep:
     """A training step for `model` that runs `plan`. `optimizer` (torch.optim.SGD or Adam)
     gives the update rule and keeps its state; without one, SGD with `lr`. On CUDA with
     `torch.backends.cudnn.benchmark` on, the first `search_steps` calls let cuDNN search
     algorithms; later calls keep them. `passes`: fx passes (GraphModule -> GraphModule) run
-    on the step once its moves are inserted, such as runtime.arena.bound_workspaces."""
+    on the step once its moves are inserted, such as runtime.arena.bound_workspaces.
+    `choose_algorithms`: on CUDA, before the first call, each convolution's cuDNN algorithm
+    is chosen with only the room the plan leaves its workspace free (runtime.algorithms)."""
     return PlannedStep(plan, model, spec_from_optimizer(optimizer, lr, loss), optimizer, slow_tier,
-                       search_steps, tuple(passes))
+                       search_steps, choose_algorithms, tuple(passes))
 
 
 def unplanned_step(model: nn.Module, spec: StepSpec, inputs: Sequence[torch.Tensor],
