@@ -25,7 +25,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from autotm_py.bench.gpu import DEFAULT_CASES, parse_case  # noqa: E402
-from autotm_py.bench.peers import markdown, run_case, run_oversized  # noqa: E402
+from autotm_py.bench.peers import PlanRuns, markdown, run_case, run_oversized  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +41,8 @@ def main() -> None:
                     help="re-solves around the kernels where a fitting step made the allocator free its cache")
     ap.add_argument("--refine-seconds", type=float, default=0.0,
                     help="asynchronous plans with restricted overlap candidates: seconds more with all of them")
+    ap.add_argument("--choose-algorithms", action="store_true",
+                    help="choose each convolution's cuDNN algorithm before a plan's first step (runtime.algorithms)")
     ap.add_argument("--out", default="benchmarks/results/gpu_peers")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -55,8 +57,8 @@ def main() -> None:
     for c in cases:
         results.append(run_case(c.model, c.batch, c.cap_fraction, cap_bytes=c.cap_bytes, steps=args.steps,
                                 time_limit=args.time_limit, formulations=tuple(args.formulations.split(",")),
-                                cache=args.cache, retry_repairs=args.retry_repairs,
-                                refine_seconds=args.refine_seconds))
+                                cache=args.cache,
+                                runs=PlanRuns(args.retry_repairs, args.refine_seconds, args.choose_algorithms)))
         out.with_suffix(".json").write_text(json.dumps({"cases": [r.to_json() for r in results]}, indent=2))
     for c in args.oversized:
         name, batch, budget = c.split(":")

@@ -59,16 +59,17 @@ def parse_case(text: str) -> GpuCase:
 
 def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: float = 120.0,
             formulations: tuple[str, ...] = ("asynchronous", "synchronous"), cudnn_benchmark: bool = False,
-            cache: str | None = None, retry_repairs: int = 0, refine_seconds: float = 0.0,
-            arena: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Run every case (peers.run_case) and write the report after each one."""
+            cache: str | None = None, runs: Any = None, arena: bool = False,
+            log: Callable[[str], None] = print) -> Path:
+    """Run every case (peers.run_case, its plans run as `runs`, a peers.PlanRuns; None: the
+    default) and write the report after each one."""
     import os
 
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
     import torch
 
     from ..runtime.fit import cap_by
-    from .peers import run_case
+    from .peers import PlanRuns, run_case
 
     torch.backends.cudnn.benchmark = cudnn_benchmark
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,8 +77,8 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
     results = []
     for c in cases:
         results.append(run_case(c.model, c.batch, c.cap_fraction, cap_bytes=c.cap_bytes, steps=steps, time_limit=time_limit,
-                                formulations=formulations, cache=cache, retry_repairs=retry_repairs,
-                                refine_seconds=refine_seconds, arena=arena, log=log))
+                                formulations=formulations, cache=cache, runs=runs or PlanRuns(),
+                                arena=arena, log=log))
         report = {"kind": GPU_KIND, "schema": GPU_SCHEMA, "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "cudnn_benchmark": cudnn_benchmark,
                   "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cap_by": cap_by(),

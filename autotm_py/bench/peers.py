@@ -43,6 +43,17 @@ RETRY_RATIO = 1.1
 
 
 @dataclass(frozen=True)
+class PlanRuns:
+    """How each autotm plan of the comparison is run (autotm_run): `retry_repairs`,
+    `refine_seconds` (see there) and `choose_algorithms` (runtime.algorithms, before each
+    planned step's first call)."""
+
+    retry_repairs: int = 0
+    refine_seconds: float = 0.0
+    choose_algorithms: bool = False
+
+
+@dataclass(frozen=True)
 class MethodResult:
     method: str
     status: str  # "ok", "out of memory", "failed: ..."
@@ -276,17 +287,17 @@ def lower_bound(peak: int, cap: int, t_f: float, t_b: float, bandwidth: float) -
 
 def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor,
                formulation: str, cap: int, total: int, steps: int, time_limit: float,
-               max_retries: int = 3, retry_repairs: int = 0, refine_seconds: float = 0.0,
+               max_retries: int = 3, runs: PlanRuns = PlanRuns(),
                log: Callable[[str], None] = print) -> MethodResult:
     """Solve, run, and where the step does not fit under the cap (allocator fragmentation,
     workspaces), trace its memory per kernel, lower the limit around the kernels that went
-    over (runtime.defrag) and solve again, up to `max_retries` times. With `retry_repairs`,
+    over (runtime.defrag) and solve again, up to `max_retries` times. With `runs.retry_repairs`,
     a step that fits but makes the allocator free its cache during the timed steps (a
     device-wide synchronization each time) is repaired the same way around the kernels where
     that happened, up to that many times; the fastest step that fitted is the result. Off by
     default: on an H200 (VGG19 batch 256 under 14.85 GiB, heuristic cuDNN) three such repairs
     cut the retries from 37 to 8 but made every step slower (0.560 s, then 0.738, 0.696 and
-    0.713 s), the lower limits costing cuDNN its large-workspace algorithms. `refine_seconds`:
+    0.713 s), the lower limits costing cuDNN its large-workspace algorithms. `runs.refine_seconds`:
     once a plan fits, an asynchronous plan whose overlap candidates were restricted is solved
     again at its limits with every candidate (optimizer.formulation.refine_asynchronous) and
     run; the faster of the two that fit is the result. Refining only the plan that fitted, not
@@ -306,7 +317,7 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
             log(f"  autotm {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB is infeasible")
             break
         solve = time.perf_counter() - t0
-        step = compile_plan(plan, model, lr=lr)
+        step = compile_plan(plan, model, lr=lr, choose_algorithms=runs.choose_algorithms)
         errors: list[str] = []
         status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total, errors)
         attempts.append({"limit": lowest, "status": status, "peak": peak, "solve_seconds": solve,
@@ -324,7 +335,7 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
             if best is None or secs < best.step_seconds:
                 best, fitted = result, (plan, limit)
             fitted_repairs = sum(1 for a in attempts[:-1] if a["status"] == "ok" and a.get("peak", 0) <= cap)
-            if retries == 0 or attempt == max_retries or fitted_repairs >= retry_repairs:
+            if retries == 0 or attempt == max_retries or fitted_repairs >= runs.retry_repairs:
                 break
         per_kernel = np.broadcast_to(np.asarray(limit, dtype=np.int64), (len(graph.kernels),))
         repeats = _oom_streak(attempts) - 1
@@ -345,9 +356,9 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
             log(f"  lowered {everywhere}")
         step = None  # its buffers go before the next solve's
     step = None
-    if best is not None and fitted is not None and refine_seconds > 0 and formulation == "asynchronous":
+    if best is not None and fitted is not None and runs.refine_seconds > 0 and formulation == "asynchronous":
         best = _refine_fitted(graph, prof, model, lr, x, y, fitted[0], fitted[1], best, cap, total, steps,
-                              refine_seconds, attempts, log)
+                              runs, attempts, log)
     if best is not None:
         return dataclasses.replace(best, extra=dict(best.extra, attempts=attempts))
     last = attempts[-1]
@@ -394,11 +405,11 @@ def _retries_where(trace: MemoryTrace | None, graph: Any, top: int = 20) -> dict
 
 def _refine_fitted(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tensor, y: torch.Tensor,
                    plan: Any, limit: Any, best: MethodResult, cap: int, total: int, steps: int,
-                   seconds: float, attempts: list[dict[str, Any]], log: Callable[[str], None]) -> MethodResult:
+                   runs: PlanRuns, attempts: list[dict[str, Any]], log: Callable[[str], None]) -> MethodResult:
     """`best` or, where refining the asynchronous `plan` that gave it finds a plan predicted
     faster and that plan fits and runs faster, that plan's result."""
     t0 = time.perf_counter()
-    refined = refine_asynchronous(graph, prof, plan, limit, seconds=seconds)
+    refined = refine_asynchronous(graph, prof, plan, limit, seconds=runs.refine_seconds)
     solve = time.perf_counter() - t0
     if refined is plan:
         return best  # no restriction shaped it: there was nothing to refine
@@ -406,7 +417,7 @@ def _refine_fitted(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.
         attempts.append({"refine": True, "status": "nothing better", "solve_seconds": solve})
         log(f"  refine: nothing better than {plan.predicted_seconds:.3f} s in {solve:.0f} s")
         return best
-    step = compile_plan(refined, model, lr=lr)
+    step = compile_plan(refined, model, lr=lr, choose_algorithms=runs.choose_algorithms)
     status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total)
     attempts.append({"refine": True, "limit": int(np.min(limit)), "status": status, "peak": peak,
                      "solve_seconds": solve, "gap": refined.solver.gap, "alloc_retries": retries,
@@ -470,7 +481,7 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
              steps: int = 5, time_limit: float = 120.0,
              formulations: tuple[str, ...] = ("asynchronous", "synchronous"),
              peers: tuple[str, ...] = ("save_on_cpu", "checkpoint"), cache: Any = None,
-             retry_repairs: int = 0, refine_seconds: float = 0.0, arena: bool = False,
+             runs: PlanRuns = PlanRuns(), arena: bool = False,
              log: Callable[[str], None] = print) -> CaseResult:
     """One row of the comparison (the model is built once and shared by every method), under
     `cap_bytes` of device memory or, without it, `cap_fraction` of the unconstrained peak.
@@ -511,7 +522,7 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
     methods = []
     for form in formulations:
         methods.append(isolated_autotm_run(name, batch, form, cap, steps, time_limit, cache,
-                                           torch.backends.cudnn.benchmark, retry_repairs, refine_seconds))
+                                           torch.backends.cudnn.benchmark, runs))
         log(f"  {methods[-1].method}: {methods[-1].status}, {methods[-1].step_seconds:.3f} s, "
             f"predicted {methods[-1].predicted_seconds:.3f} s, peak {methods[-1].peak_bytes / 2**30:.2f} GiB")
         if arena:
@@ -541,8 +552,7 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
 
 
 def isolated_autotm_run(name: str, batch: int, formulation: str, cap: int, steps: int, time_limit: float,
-                        cache: Any, cudnn_benchmark: bool, retry_repairs: int = 0,
-                        refine_seconds: float = 0.0) -> MethodResult:
+                        cache: Any, cudnn_benchmark: bool, runs: PlanRuns = PlanRuns()) -> MethodResult:
     """autotm_run in a fresh process (see the module docstring): the workload is built,
     captured and profiled (from the cache) again there."""
     import multiprocessing
@@ -550,13 +560,11 @@ def isolated_autotm_run(name: str, batch: int, formulation: str, cap: int, steps
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_autotm_child, name, batch, formulation, cap, steps, time_limit,
-                           None if cache is None else str(cache), cudnn_benchmark, retry_repairs,
-                           refine_seconds).result()
+                           None if cache is None else str(cache), cudnn_benchmark, runs).result()
 
 
 def _autotm_child(name: str, batch: int, formulation: str, cap: int, steps: int, time_limit: float,
-                  cache: str | None, cudnn_benchmark: bool, retry_repairs: int = 0,
-                  refine_seconds: float = 0.0) -> MethodResult:
+                  cache: str | None, cudnn_benchmark: bool, runs: PlanRuns = PlanRuns()) -> MethodResult:
     from ..profiler import profile
 
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -567,7 +575,7 @@ def _autotm_child(name: str, batch: int, formulation: str, cap: int, steps: int,
     graph = capture(model, (x,), y, lr=entry.lr, device=device, name=name, batch=batch)
     prof = profile(graph, device="cuda", cache=cache, progress=False, cudnn_benchmark=cudnn_benchmark)
     return autotm_run(graph, prof, model, entry.lr, x, y, formulation, cap, total, steps, time_limit,
-                      retry_repairs=retry_repairs, refine_seconds=refine_seconds, log=lambda m: print(m, flush=True))
+                      runs=runs, log=lambda m: print(m, flush=True))
 
 
 def _predicted(m: MethodResult) -> str:

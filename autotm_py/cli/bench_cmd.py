@@ -247,6 +247,9 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
               help="Once an asynchronous plan whose overlap candidates were restricted (large graphs) "
                    "fits, solve it again for up to S seconds with every candidate and run that too; "
                    "the faster one that fits counts.")
+@click.option("--choose-algorithms", is_flag=True,
+              help="Before each plan's first step, choose every convolution's cuDNN algorithm with only "
+                   "the room the plan leaves its workspace free, as the profile timed it.")
 @click.option("--arena", is_flag=True,
               help="Also run each formulation with the planned arena for its device memory: a step "
                    "recorded, laid out so that nothing live at once overlaps, and replayed within the "
@@ -261,11 +264,12 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 @user_errors
 @_bench_errors
 def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations: str, cudnn_benchmark: bool,
-            cache: str | None, retry_repairs: int, refine_seconds: float, arena: bool, cap_by: str | None,
-            results: str, as_json: bool) -> None:
+            cache: str | None, retry_repairs: int, refine_seconds: float, choose_algorithms: bool, arena: bool,
+            cap_by: str | None, results: str, as_json: bool) -> None:
     """The GPU comparison: autotm against save_on_cpu and checkpointing under a memory cap (Figure 12's
     counterpart)."""
     from ..bench.gpu import DEFAULT_CASES, parse_case, run_gpu
+    from ..bench.peers import PlanRuns
 
     parsed = [parse_case(c) for c in (cases or DEFAULT_CASES)]  # bad input fails before CUDA is touched
     forms = _formulations(formulations, ("asynchronous", "synchronous"))
@@ -285,8 +289,8 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
         os.environ[CAP_BY_ENV] = cap_by  # the plans' child processes hold their caps alike
     check_device("cuda")
     path = run_gpu(parsed, Path(results) / "gpu", steps=steps, time_limit=time_limit, formulations=forms,
-                   cudnn_benchmark=cudnn_benchmark, cache=cache, retry_repairs=retry_repairs,
-                   refine_seconds=refine_seconds, arena=arena,
+                   cudnn_benchmark=cudnn_benchmark, cache=cache,
+                   runs=PlanRuns(retry_repairs, refine_seconds, choose_algorithms), arena=arena,
                    log=(lambda s: None) if as_json else (lambda s: console.print(s, highlight=False)))
     if as_json:
         click.echo(path.read_text())
