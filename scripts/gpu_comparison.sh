@@ -21,6 +21,9 @@
 # ARENA: set (ARENA=1) to run each formulation also with the planned arena (--arena).
 # CUDNN_BENCHMARK: set (CUDNN_BENCHMARK=1) to let cuDNN search its algorithms (--cudnn-benchmark;
 # default its heuristic choice).
+# CHOOSE_ALGORITHMS: set (CHOOSE_ALGORITHMS=1) to choose every convolution's cuDNN algorithm before
+# a plan's first step, within the room the plan leaves its workspace (--choose-algorithms; for the
+# comparison and kernel_times.py).
 # AUTOTM_CAP_BY: fill to take from the device what the cap does not allow, beside the memory
 # fraction, so that cuDNN sees as free what the cap leaves (default fraction; the reports say which).
 # REFINE_SECONDS: the comparison's --refine-seconds (default 0: on the H200, refining ResNet152's
@@ -57,7 +60,8 @@ if [ -n "$CASES" ]; then
     i=$((i + 1))
     echo "== case $c ($(date +%T))"
     "$PY" -m autotm_py bench gpu --case "$c" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" \
-        --refine-seconds "${REFINE_SECONDS:-0}" ${ARENA:+--arena} ${CUDNN_BENCHMARK:+--cudnn-benchmark} --results "$OUT/case$i" \
+        --refine-seconds "${REFINE_SECONDS:-0}" ${ARENA:+--arena} ${CUDNN_BENCHMARK:+--cudnn-benchmark} \
+        ${CHOOSE_ALGORITHMS:+--choose-algorithms} --results "$OUT/case$i" \
         || echo "== case $c ended with status $?"
     if [ -f "$OUT/case$i/gpu/gpu_peers.json" ]; then reports+=("$OUT/case$i"); fi
   done
@@ -68,7 +72,7 @@ fi
 for k in ${KERNEL_TIMES-vgg19:256:14.85GiB}; do
   echo "== kernel by kernel: $k"
   "$PY" benchmarks/kernel_times.py --case "$k" --plans choice,uncapped --steps "${STEPS:-3}" \
-      --time-limit "${TIME_LIMIT:-30}" --out "$OUT/kernel_times_${k//:/_}.json"
+      --time-limit "${TIME_LIMIT:-30}" ${CUDNN_BENCHMARK:+--cudnn-benchmark} ${CHOOSE_ALGORITHMS:+--choose-algorithms} --out "$OUT/kernel_times_${k//:/_}.json"
 done
 for o in $OVERSIZED; do
   echo "== larger than the budget: $o"
