@@ -44,13 +44,14 @@ RETRY_RATIO = 1.1
 
 @dataclass(frozen=True)
 class PlanRuns:
-    """How each autotm plan of the comparison is run (autotm_run): `retry_repairs`,
-    `refine_seconds` (see there) and `choose_algorithms` (runtime.algorithms, before each
-    planned step's first call)."""
+    """How each autotm plan of the comparison is solved and run (autotm_run): `retry_repairs`,
+    `refine_seconds` (see there), `choose_algorithms` (runtime.algorithms, before each planned
+    step's first call) and the asynchronous formulation's `async_candidates` (optimize)."""
 
     retry_repairs: int = 0
     refine_seconds: float = 0.0
     choose_algorithms: bool = False
+    async_candidates: int | str | None = "auto"
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,8 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
         lowest = int(np.min(limit))  # per-kernel limits after a repair: report the lowest
         t0 = time.perf_counter()
         try:
-            plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit)
+            plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit,
+                            async_candidates=runs.async_candidates)
         except Infeasible as exc:
             attempts.append({"limit": lowest, "status": "infeasible", "reason": str(exc)})
             log(f"  autotm {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB is infeasible")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from .common import UserError, check_device, console, emit_json, parse_size, user_errors
+from .common import UserError, check_device, console, emit_json, parse_async_candidates, parse_size, user_errors
 
 FORMULATION_NAMES = ("static", "synchronous", "asynchronous", "numa", "2lm")
 DEFAULT_RESULTS = "bench-results"
@@ -247,6 +247,9 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
               help="Once an asynchronous plan whose overlap candidates were restricted (large graphs) "
                    "fits, solve it again for up to S seconds with every candidate and run that too; "
                    "the faster one that fits counts.")
+@click.option("--async-candidates", default="auto", show_default=True, metavar="auto|all|N",
+              help="The asynchronous formulation's overlap candidates per interval (see autotm optimize "
+                   "--help); more hide copies better on graphs of many short kernels and solve longer.")
 @click.option("--choose-algorithms", is_flag=True,
               help="Before each plan's first step, choose every convolution's cuDNN algorithm with only "
                    "the room the plan leaves its workspace free, as the profile timed it.")
@@ -264,8 +267,8 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 @user_errors
 @_bench_errors
 def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations: str, cudnn_benchmark: bool,
-            cache: str | None, retry_repairs: int, refine_seconds: float, choose_algorithms: bool, arena: bool,
-            cap_by: str | None, results: str, as_json: bool) -> None:
+            cache: str | None, retry_repairs: int, refine_seconds: float, async_candidates: str,
+            choose_algorithms: bool, arena: bool, cap_by: str | None, results: str, as_json: bool) -> None:
     """The GPU comparison: autotm against save_on_cpu and checkpointing under a memory cap (Figure 12's
     counterpart)."""
     from ..bench.gpu import DEFAULT_CASES, parse_case, run_gpu
@@ -281,6 +284,7 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
         raise UserError(f"--retry-repairs must be 0 or more, got {retry_repairs}")
     if refine_seconds < 0:
         raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
+    candidates = parse_async_candidates(async_candidates)
     if cap_by is not None:
         import os
 
@@ -290,7 +294,7 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
     check_device("cuda")
     path = run_gpu(parsed, Path(results) / "gpu", steps=steps, time_limit=time_limit, formulations=forms,
                    cudnn_benchmark=cudnn_benchmark, cache=cache,
-                   runs=PlanRuns(retry_repairs, refine_seconds, choose_algorithms), arena=arena,
+                   runs=PlanRuns(retry_repairs, refine_seconds, choose_algorithms, candidates), arena=arena,
                    log=(lambda s: None) if as_json else (lambda s: console.print(s, highlight=False)))
     if as_json:
         click.echo(path.read_text())

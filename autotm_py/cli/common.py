@@ -133,6 +133,13 @@ def capture_workload(model: str, batch: int | None, device: str = "cpu", optimiz
                    device=device, name=w.name, batch=w.batch)
 
 
+def parse_async_candidates(text: str) -> int | str | None:
+    """An --async-candidates value: "auto", "all" (None: every candidate) or a whole number."""
+    if text not in ("auto", "all") and not text.isdigit():
+        raise UserError(f"--async-candidates must be auto, all or a whole number >= 0, got {text}")
+    return None if text == "all" else text if text == "auto" else int(text)
+
+
 def load_graph_file(path: str):
     """A graph saved by `autotm graph --out` (plain or gzipped JSON)."""
     import gzip

@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from .common import (UserError, capture_workload, check_device, console, emit_json, human_bytes, is_graph_file,
-                     load_graph_file, parse_size, user_errors)
+                     load_graph_file, parse_async_candidates, parse_size, user_errors)
 
 CHOICES = ("static", "synchronous", "asynchronous", "numa", "2lm", "all")
 
@@ -147,13 +147,9 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
         raise UserError(f"--gap is a relative gap in [0, 1), got {gap}")
     if async_window < 0:
         raise UserError(f"--async-window must be >= 0, got {async_window}")
-    if async_candidates not in ("auto", "all") and not async_candidates.isdigit():
-        raise UserError("--async-candidates must be auto, all or a whole number >= 0, "
-                        f"got {async_candidates}")
     if refine_seconds < 0:
         raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
-    candidates: int | str | None = (None if async_candidates == "all" else async_candidates
-                                    if async_candidates == "auto" else int(async_candidates))
+    candidates = parse_async_candidates(async_candidates)
     if fingerprint is not None and estimate:
         raise UserError("--fingerprint takes another machine's profile from the cache; drop --estimate")
     if is_graph_file(model):
