@@ -21,6 +21,8 @@
 # ARENA: set (ARENA=1) to run each formulation also with the planned arena (--arena).
 # CUDNN_BENCHMARK: set (CUDNN_BENCHMARK=1) to let cuDNN search its algorithms (--cudnn-benchmark;
 # default its heuristic choice).
+# ASYNC_CANDIDATES: the comparison's --async-candidates (default auto; from the H200's cached rows
+# ResNet152's plans predict 3% to 5% less with 8, README "Not done yet").
 # CHOOSE_ALGORITHMS: set (CHOOSE_ALGORITHMS=1) to choose every convolution's cuDNN algorithm before
 # a plan's first step, within the room the plan leaves its workspace (--choose-algorithms; for the
 # comparison and kernel_times.py).
@@ -61,7 +63,7 @@ if [ -n "$CASES" ]; then
     echo "== case $c ($(date +%T))"
     "$PY" -m autotm_py bench gpu --case "$c" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" \
         --refine-seconds "${REFINE_SECONDS:-0}" ${ARENA:+--arena} ${CUDNN_BENCHMARK:+--cudnn-benchmark} \
-        ${CHOOSE_ALGORITHMS:+--choose-algorithms} --results "$OUT/case$i" \
+        ${CHOOSE_ALGORITHMS:+--choose-algorithms} --async-candidates "${ASYNC_CANDIDATES:-auto}" --results "$OUT/case$i" \
         || echo "== case $c ended with status $?"
     if [ -f "$OUT/case$i/gpu/gpu_peers.json" ]; then reports+=("$OUT/case$i"); fi
   done
