@@ -94,8 +94,9 @@ def _summary(plan: Any, graph: Any, prof: Any) -> dict[str, Any]:
 @click.option("--cache", default=None, metavar="PATH", help="Kernel cache file or folder.")
 @click.option("--fingerprint", default=None, metavar="TEXT",
               help="Plan for another machine from the cache alone: the device fingerprint whose rows to "
-                   "use (or a part of it that names one; `autotm cache info` lists them). Nothing is "
-                   "measured, so --device cuda needs no GPU here; with a graph file as MODEL.")
+                   "use, or |-separated parts of it that name one (e.g. 'H200|cudnn=heuristic'; `autotm "
+                   "cache info` lists them). Nothing is measured, so --device cuda needs no GPU here; "
+                   "with a graph file as MODEL.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
 @click.option("--check", "check_plan", default=None, metavar="PLAN",
               help="Verify an existing plan file against this workload instead of optimizing.")
@@ -121,7 +122,7 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
       autotm optimize vgg19 --ratio 1:4
       autotm optimize vgg19 --dram 2GiB --formulation all --json
       autotm optimize resnet50 --device cuda --budget 10GiB --formulation asynchronous
-      autotm optimize r152.json.gz --device cuda --budget 24GiB --fingerprint "H200"
+      autotm optimize r152.json.gz --device cuda --budget 24GiB --fingerprint "H200|cudnn=heuristic"
     """
     from ..optimizer import Infeasible, Plan, limit_from_ratio, optimize, parse_ratio, verify
 

@@ -173,7 +173,8 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
     `cudnn_benchmark=False` profiles cuDNN's heuristic algorithm choice instead of the
     benchmarked one (smaller workspaces); its rows are kept apart in the cache.
     `fingerprint`: the profile of another machine, from the rows the cache holds under that
-    device fingerprint (or the one fingerprint in the cache containing it); nothing is
+    device fingerprint (or the one in the cache that contains each |-separated part of it,
+    such as "H200|cudnn=heuristic"); nothing is
     measured, so it needs no such device here, and a row the cache lacks is a CacheError."""
     start = time.perf_counter()
     busy0 = _cpu_busy()
@@ -231,10 +232,11 @@ def _cached_profile(graph: Graph, device: str, slow_tier: str | None, cache: Any
         known = sorted(kc.info()["devices"])
         fp = fingerprint if fingerprint in known else None
         if fp is None:
-            hits = [f for f in known if fingerprint in f]
+            parts = fingerprint.split("|")
+            hits = [f for f in known if all(p in f for p in parts)]
             if len(hits) != 1:
                 which = "no device fingerprint" if not hits else f"{len(hits)} device fingerprints"
-                raise CacheError(f"{kc.path} holds {which} containing {fingerprint!r}; "
+                raise CacheError(f"{kc.path} holds {which} containing every part of {fingerprint!r}; "
                                  f"it holds: {'; '.join(known) or 'none'}")
             fp = hits[0]
         if device == "cuda":
