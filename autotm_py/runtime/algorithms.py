@@ -4,11 +4,11 @@ plan leaves its workspace.
 PyTorch keeps one cuDNN algorithm per convolution shape for the life of the process and chooses
 it at the shape's first call, among the algorithms whose workspace fits the largest block the
 caching allocator has free at that moment (benchmark mode), or the first of cuDNN's heuristic
-list whose workspace can be allocated. Inside a step under a cap that block is small although
-the plan keeps room beside it: on an H100 (VGG19 batch 256 under 14.85 GiB) the backward
-convolutions took cuDNN's legacy zero-workspace engines, 54 ms where the profile measured 7.9
-ms, and kept them, solved 3% below the cap and with benchmark mode on in every step alike. The
-profiler timed each kernel with its room free and nothing else (profiler.noworkspace); here each
+list whose workspace can be allocated. On an H100 (VGG19 batch 256 under 14.85 GiB) the
+capped step's backward convolutions took cuDNN's legacy zero-workspace engines, 54 ms where the
+profile measured 7.9 ms, and kept them, also solved 3% below the cap and with benchmark mode on
+in every step: not short of memory, so most likely short of a free block at the moment of the
+choice, where the plan's room lies beside what the allocator has cached. The profiler timed each kernel with its room free and nothing else (profiler.noworkspace); here each
 convolution of the plan is called once the same way, in the step's process, so that the
 algorithm the step finds cached is the one the profile timed.
 """
