@@ -8,9 +8,10 @@ list whose workspace can be allocated. On an H100 (VGG19 batch 256 under 14.85 G
 capped step's backward convolutions took cuDNN's legacy zero-workspace engines, 54 ms where the
 profile measured 7.9 ms, and kept them, also solved 3% below the cap and with benchmark mode on
 in every step: not short of memory, so most likely short of a free block at the moment of the
-choice, where the plan's room lies beside what the allocator has cached. The profiler timed each kernel with its room free and nothing else (profiler.noworkspace); here each
-convolution of the plan is called once the same way, in the step's process, so that the
-algorithm the step finds cached is the one the profile timed.
+choice, where the plan's room lies beside what the allocator has cached. The profiler timed
+each kernel with its room free and nothing else (profiler.noworkspace); here each convolution
+of the plan is called once the same way, in the step's process, so that the algorithm the step
+finds cached is the one the profile timed.
 """
 
 from __future__ import annotations
