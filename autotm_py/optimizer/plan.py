@@ -295,8 +295,9 @@ def phase_seconds(graph: Graph, profile: Profile, plan: "Plan") -> dict[str, dic
     out: dict[str, dict[str, float]] = {}
     for name, inside in (("before_peak", lambda k: k < peak), ("from_peak", lambda k: k >= peak)):
         ks = [k for k in kt if inside(k)]
-        copies = sum(async_load.get(k, 0.0) for k in ks) + sum(v for k, v in sync.items() if inside(k))
-        predicted = sum(max(kt[k], async_load.get(k, 0.0)) for k in ks) + sum(v for k, v in sync.items() if inside(k))
+        waits = sum(v for k, v in sync.items() if inside(k))
+        copies = sum(async_load.get(k, 0.0) for k in ks) + waits
+        predicted = sum(max(kt[k], async_load.get(k, 0.0)) for k in ks) + waits
         out[name] = {"kernel_seconds": sum(kt[k] for k in ks), "copy_seconds": copies,
                      "predicted_seconds": predicted, "copy_idle_seconds": predicted - copies}
     return out

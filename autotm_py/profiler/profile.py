@@ -188,7 +188,7 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
         if slow_tier not in (None, "pinned"):
             raise ValueError("on CUDA the slow tier is pinned host memory; drop --slow-tier")
         torch.backends.cudnn.benchmark = cudnn_benchmark
-        tier: Any = ModelTier(spec="pinned", key="pinned", modeled=False, note="pinned host memory")
+        tier: Any = _pinned_tier()
     else:
         tier = open_slow_tier(slow_tier)
     real_tier = device == "cpu" and not tier.modeled
@@ -221,6 +221,11 @@ def profile(graph: Graph, device: str = "cpu", slow_tier: str | None = None, cac
     return dataclasses.replace(prof, stats=stats)
 
 
+def _pinned_tier() -> ModelTier:
+    """CUDA's slow tier: pinned host memory, its copies measured (no model)."""
+    return ModelTier(spec="pinned", key="pinned", modeled=False, note="pinned host memory")
+
+
 def _cached_profile(graph: Graph, device: str, slow_tier: str | None, cache: Any, fingerprint: str,
                     bandwidth_sizes: tuple[int, ...], start: float) -> Profile:
     """profile(..., fingerprint=...): another machine's profile, from the cache alone."""
@@ -240,7 +245,7 @@ def _cached_profile(graph: Graph, device: str, slow_tier: str | None, cache: Any
                                  f"it holds: {'; '.join(known) or 'none'}")
             fp = hits[0]
         if device == "cuda":
-            tier: Any = ModelTier(spec="pinned", key="pinned", modeled=False, note="pinned host memory")
+            tier: Any = _pinned_tier()
         else:
             tier = ModelTier() if slow_tier in (None, "model") else None
             if tier is None:
