@@ -15,8 +15,10 @@ from autotm_py.runtime.step import spec_from_optimizer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("formulation", ["synchronous", "asynchronous"])
-def test_cuda_plan_matches_unplanned_step(formulation: str, tmp_path) -> None:
+@pytest.mark.parametrize("formulation,choose", [("synchronous", False), ("asynchronous", False),
+                                                ("asynchronous", True)])
+def test_cuda_plan_matches_unplanned_step(formulation: str, choose: bool, tmp_path) -> None:
+    """choose: the convolutions' algorithms chosen before the first step (runtime.algorithms)."""
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     entry = zoo.get("resnet50")
@@ -28,7 +30,7 @@ def test_cuda_plan_matches_unplanned_step(formulation: str, tmp_path) -> None:
     plan = optimize(graph, prof, formulation=formulation, limit_bytes=budget, time_limit=120)
     assert plan.moves, "half the peak cannot be met without moving tensors"
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    step = compile_plan(plan, a, lr=entry.lr)
+    step = compile_plan(plan, a, lr=entry.lr, choose_algorithms=choose)
     base = unplanned_step(b, spec_from_optimizer(None, entry.lr, "cross_entropy"), (x,), y)
     for i in range(3):
         torch.manual_seed(i)
