@@ -273,3 +273,21 @@ def test_stream_breakdown_overlap_and_idle_by_hand() -> None:
     assert b["idle_seconds"] == pytest.approx(10 * us)  # [110,120)
     assert b["host_calls"] == [["cuMemUnmap", pytest.approx(20 * us), 1]]
     assert breakdown_from_events([])["gpu_span_seconds"] == 0.0
+
+
+def test_a_case_read_back_leaves_out_how_its_plans_ran() -> None:
+    """A report's case carries its plans' options ("plan_runs"); reading it back gives the
+    same CaseResult as without them."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from autotm_py.bench.peers import CaseResult, PlanRuns
+
+    report = json.loads((Path(__file__).parents[1] / "benchmarks/results/gpu_peers_h100_fill.json").read_text())
+    case = report["cases"][0]
+    plain = CaseResult.from_json(case)
+    with_runs = CaseResult.from_json({**case, "plan_runs": dataclasses.asdict(PlanRuns(async_candidates=8))})
+    assert with_runs.to_json() == plain.to_json()
+    assert plain.model == "vgg19" and [m.method for m in plain.methods][:2] == ["autotm asynchronous",
+                                                                               "autotm synchronous"]

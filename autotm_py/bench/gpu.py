@@ -4,6 +4,7 @@ checkpointing under a memory cap) as one versioned report, and reading such repo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -71,18 +72,21 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
     from ..runtime.fit import cap_by
     from .peers import PlanRuns, run_case
 
+    runs = runs or PlanRuns()
+
     torch.backends.cudnn.benchmark = cudnn_benchmark
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / REPORT_NAME
     results = []
     for c in cases:
         results.append(run_case(c.model, c.batch, c.cap_fraction, cap_bytes=c.cap_bytes, steps=steps, time_limit=time_limit,
-                                formulations=formulations, cache=cache, runs=runs or PlanRuns(),
+                                formulations=formulations, cache=cache, runs=runs,
                                 arena=arena, log=log))
         report = {"kind": GPU_KIND, "schema": GPU_SCHEMA, "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "cudnn_benchmark": cudnn_benchmark,
                   "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cap_by": cap_by(),
-                  "cases": [r.to_json() for r in results], "oversized": []}
+                  "cases": [{**r.to_json(), "plan_runs": dataclasses.asdict(runs)} for r in results],
+                  "oversized": []}
         write_gpu_report(report, path)
     return path
 

@@ -87,8 +87,11 @@ class CaseResult:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "CaseResult":
-        """The inverse of to_json (JSON writes NaN times as NaN, which reads back as such)."""
-        return cls(**{**d, "methods": tuple(MethodResult(**m) for m in d["methods"])})
+        """The inverse of to_json (JSON writes NaN times as NaN, which reads back as such); what
+        else a report says of the case (how its plans ran: "plan_runs") is left out."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in names},
+                      "methods": tuple(MethodResult(**m) for m in d["methods"])})
 
 
 def as_sequential(model: nn.Module) -> nn.Sequential:
