@@ -23,6 +23,8 @@
 # default its heuristic choice).
 # ASYNC_CANDIDATES: the comparison's --async-candidates (default auto; from the H200's cached rows
 # ResNet152's plans predict 3% to 5% less with 8, README "Not done yet").
+# COPY_SPANS: the comparison's --copy-spans (default 15: each async copy may run in pieces beside
+# up to 15 kernels; 0 keeps each beside one kernel).
 # CHOOSE_ALGORITHMS: set (CHOOSE_ALGORITHMS=1) to choose every convolution's cuDNN algorithm before
 # a plan's first step, within the room the plan leaves its workspace (--choose-algorithms; for the
 # comparison and kernel_times.py).
@@ -63,7 +65,7 @@ if [ -n "$CASES" ]; then
     echo "== case $c ($(date +%T))"
     "$PY" -m autotm_py bench gpu --case "$c" --steps "${STEPS:-3}" --time-limit "${TIME_LIMIT:-30}" \
         --refine-seconds "${REFINE_SECONDS:-0}" ${ARENA:+--arena} ${CUDNN_BENCHMARK:+--cudnn-benchmark} \
-        ${CHOOSE_ALGORITHMS:+--choose-algorithms} --async-candidates "${ASYNC_CANDIDATES:-auto}" --results "$OUT/case$i" \
+        ${CHOOSE_ALGORITHMS:+--choose-algorithms} --async-candidates "${ASYNC_CANDIDATES:-auto}" --copy-spans "${COPY_SPANS:-15}" --results "$OUT/case$i" \
         || echo "== case $c ended with status $?"
     if [ -f "$OUT/case$i/gpu/gpu_peers.json" ]; then reports+=("$OUT/case$i"); fi
   done

@@ -129,6 +129,7 @@ def test_records_round_trip_and_older_schema(tmp_path) -> None:
     (("gpu", "--case", "vgg19:256:0GiB"), "positive size"),
     (("gpu", "--case", "vgg19:256:lots"), "a size (14.85GiB)"),
     (("gpu", "--refine-seconds", "-1"), "--refine-seconds must be 0 or more"),
+    (("gpu", "--copy-spans", "-1"), "--copy-spans must be 0 or more"),
     (("gpu", "--async-candidates", "some"), "--async-candidates must be auto, all or a whole number"),
 ])
 def test_bench_bad_input(args, words) -> None:

@@ -77,6 +77,14 @@ def test_async_candidates_option(tmp_path):
     assert r.exit_code == 0, r.output
     assert Plan.load(str(out)).predicted_seconds <= Plan.load(str(tmp_path / "1.json")).predicted_seconds
     _one_sentence(run(W, "--ratio", "1:4", "--estimate", "--refine-seconds", "-2"), "--refine-seconds")
+    # spans: the plan without pieces solved again with them, never predicted slower
+    out = tmp_path / "spans.json"
+    r = run(W, "--batch", "64", "--ratio", "1:2", "--estimate", "--formulation", "asynchronous",
+            "--async-candidates", "1", "--copy-spans", "8", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert Plan.load(str(out)).copy_spans == 8
+    assert Plan.load(str(out)).predicted_seconds <= Plan.load(str(tmp_path / "1.json")).predicted_seconds + 1e-12
+    _one_sentence(run(W, "--ratio", "1:4", "--estimate", "--copy-spans", "-1"), "--copy-spans")
 
 
 def test_a_saved_graph_is_planned_from_another_machines_cached_rows(tmp_path):

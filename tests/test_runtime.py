@@ -177,8 +177,13 @@ class _HoldingMover(CpuMover):
         super().__init__(arena)
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def start(self, src, to, original=False):
-        out = super().start(src, to, original)
+    def start(self, src, to, original=False, lo=0, hi=None):
+        out = super().start(src, to, original, lo, hi)
+        self.pending[id(out)] = (src, out)
+        return out
+
+    def resume(self, handle, src, to, original, lo, hi):
+        out = super().resume(handle, src, to, original, lo, hi)
         self.pending[id(out)] = (src, out)
         return out
 

@@ -15,10 +15,14 @@ from autotm_py.runtime.step import spec_from_optimizer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("formulation,choose", [("synchronous", False), ("asynchronous", False),
-                                                ("asynchronous", True)])
-def test_cuda_plan_matches_unplanned_step(formulation: str, choose: bool, tmp_path) -> None:
-    """choose: the convolutions' algorithms chosen before the first step (runtime.algorithms)."""
+@pytest.mark.parametrize("formulation,choose,spans", [("synchronous", False, 0), ("asynchronous", False, 0),
+                                                      ("asynchronous", True, 0), ("asynchronous", False, 15)])
+def test_cuda_plan_matches_unplanned_step(formulation: str, choose: bool, spans: int, tmp_path) -> None:
+    """choose: the convolutions' algorithms chosen before the first step (runtime.algorithms).
+    spans: copies in pieces over several kernels (the kernels' times cut 20-fold, so that
+    copies outlast them and the plan slices some)."""
+    import dataclasses
+
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     entry = zoo.get("resnet50")
@@ -27,8 +31,15 @@ def test_cuda_plan_matches_unplanned_step(formulation: str, choose: bool, tmp_pa
     prof = profile(graph, device="cuda", cache=str(tmp_path / "k.sqlite"), progress=False)
     assert prof.device == "cuda"
     budget = int(graph.peak_live_bytes * 0.5)
-    plan = optimize(graph, prof, formulation=formulation, limit_bytes=budget, time_limit=120)
+    if spans:
+        prof = dataclasses.replace(prof, kernels=tuple(
+            dataclasses.replace(c, times={m: t / 20 for m, t in c.times.items()},
+                                time_without_workspace=None, room_without_workspace=0, partial_workspace=())
+            for c in prof.kernels))
+    plan = optimize(graph, prof, formulation=formulation, limit_bytes=budget, time_limit=120, copy_spans=spans)
     assert plan.moves, "half the peak cannot be met without moving tensors"
+    if spans:
+        assert any(m.slices for m in plan.moves), "copies that outlast their kernels are sliced"
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     step = compile_plan(plan, a, lr=entry.lr, choose_algorithms=choose)
     base = unplanned_step(b, spec_from_optimizer(None, entry.lr, "cross_entropy"), (x,), y)

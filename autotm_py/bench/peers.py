@@ -46,12 +46,14 @@ RETRY_RATIO = 1.1
 class PlanRuns:
     """How each autotm plan of the comparison is solved and run (autotm_run): `retry_repairs`,
     `refine_seconds` (see there), `choose_algorithms` (runtime.algorithms, before each planned
-    step's first call) and the asynchronous formulation's `async_candidates` (optimize)."""
+    step's first call) and the asynchronous formulation's `async_candidates` and `copy_spans`
+    (optimize)."""
 
     retry_repairs: int = 0
     refine_seconds: float = 0.0
     choose_algorithms: bool = False
     async_candidates: int | str | None = "auto"
+    copy_spans: int = 0
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,7 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
         t0 = time.perf_counter()
         try:
             plan = optimize(graph, prof, formulation=formulation, limit_bytes=limit, time_limit=time_limit,
-                            async_candidates=runs.async_candidates)
+                            async_candidates=runs.async_candidates, copy_spans=runs.copy_spans)
         except Infeasible as exc:
             attempts.append({"limit": lowest, "status": "infeasible", "reason": str(exc)})
             log(f"  autotm {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB is infeasible")

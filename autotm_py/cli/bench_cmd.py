@@ -250,6 +250,9 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 @click.option("--async-candidates", default="auto", show_default=True, metavar="auto|all|N",
               help="The asynchronous formulation's overlap candidates per interval (see autotm optimize "
                    "--help); more hide copies better on graphs of many short kernels and solve longer.")
+@click.option("--copy-spans", type=int, default=0, show_default=True, metavar="N",
+              help="The asynchronous formulation's copies may run in pieces beside up to N kernels "
+                   "each (see autotm optimize --help); 0: each beside one kernel.")
 @click.option("--choose-algorithms", is_flag=True,
               help="Before each plan's first step, choose every convolution's cuDNN algorithm with only "
                    "the room the plan leaves its workspace free, as the profile timed it.")
@@ -268,7 +271,7 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 @_bench_errors
 def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations: str, cudnn_benchmark: bool,
             cache: str | None, retry_repairs: int, refine_seconds: float, async_candidates: str,
-            choose_algorithms: bool, arena: bool, cap_by: str | None, results: str, as_json: bool) -> None:
+            copy_spans: int, choose_algorithms: bool, arena: bool, cap_by: str | None, results: str, as_json: bool) -> None:
     """The GPU comparison: autotm against save_on_cpu and checkpointing under a memory cap (Figure 12's
     counterpart)."""
     from ..bench.gpu import DEFAULT_CASES, parse_case, run_gpu
@@ -285,6 +288,8 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
     if refine_seconds < 0:
         raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
     candidates = parse_async_candidates(async_candidates)
+    if copy_spans < 0:
+        raise UserError(f"--copy-spans must be 0 or more, got {copy_spans}")
     if cap_by is not None:
         import os
 
@@ -294,7 +299,7 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
     check_device("cuda")
     path = run_gpu(parsed, Path(results) / "gpu", steps=steps, time_limit=time_limit, formulations=forms,
                    cudnn_benchmark=cudnn_benchmark, cache=cache,
-                   runs=PlanRuns(retry_repairs, refine_seconds, choose_algorithms, candidates), arena=arena,
+                   runs=PlanRuns(retry_repairs, refine_seconds, choose_algorithms, candidates, copy_spans), arena=arena,
                    log=(lambda s: None) if as_json else (lambda s: console.print(s, highlight=False)))
     if as_json:
         click.echo(path.read_text())

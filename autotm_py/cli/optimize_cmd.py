@@ -87,6 +87,11 @@ def _summary(plan: Any, graph: Any, prof: Any) -> dict[str, Any]:
 @click.option("--refine-seconds", type=float, default=0.0, show_default=True, metavar="S",
               help="Asynchronous formulation: where auto or N restricted the candidates, up to S more "
                    "seconds solving with all of them, from the restricted plan; the better plan is kept.")
+@click.option("--copy-spans", type=int, default=0, show_default=True, metavar="N",
+              help="Asynchronous formulation: each copy may run in pieces beside up to N kernels (a "
+                   "fetch from where it starts up to the tensor's next use, a write-back from the "
+                   "tensor's last write up to where it leaves), solved from the plan without pieces; "
+                   "0: each copy beside one kernel.")
 @click.option("--move-state", is_flag=True, help="Let parameters, inputs and optimizer state move too.")
 @click.option("--estimate", is_flag=True,
               help="Use a roofline estimate of kernel times instead of profiling (modeled).")
@@ -107,7 +112,8 @@ def _summary(plan: Any, graph: Any, prof: Any) -> dict[str, Any]:
 @_optimizer_errors
 def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | None, budget: str | None,
                  formulation: str, device: str, solver: str, time_limit: float, gap: float,
-                 async_window: int, async_candidates: str, refine_seconds: float, move_state: bool,
+                 async_window: int, async_candidates: str, refine_seconds: float, copy_spans: int,
+                 move_state: bool,
                  estimate: bool, slow_tier: str | None,
                  cache: str | None, fingerprint: str | None, optimizer: str, check_plan: str | None,
                  as_json: bool, out: str | None) -> None:
@@ -151,6 +157,8 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
     if refine_seconds < 0:
         raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
     candidates = parse_async_candidates(async_candidates)
+    if copy_spans < 0:
+        raise UserError(f"--copy-spans must be 0 or more, got {copy_spans}")
     if fingerprint is not None and estimate:
         raise UserError("--fingerprint takes another machine's profile from the cache; drop --estimate")
     if is_graph_file(model):
@@ -191,7 +199,8 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
                 console.print(f"[dim]solving {f} ...[/]", highlight=False)
             plan = optimize(graph, prof, formulation=f, limit_bytes=limit_bytes, time_limit=time_limit,
                             mip_gap=gap, solver=solver, async_window=async_window,
-                            async_candidates=candidates, move_state=move_state, refine_seconds=refine_seconds)
+                            async_candidates=candidates, move_state=move_state, refine_seconds=refine_seconds,
+                            copy_spans=copy_spans)
             if ratio is not None:
                 from dataclasses import replace
 

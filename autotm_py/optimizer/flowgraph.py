@@ -407,3 +407,72 @@ def edge_ids(fg: FlowGraphs, pairs: list[tuple[int, int]]) -> np.ndarray:
         return np.full(len(want), -1, dtype=np.int64)
     idx = np.minimum(np.searchsorted(skeys, want), len(skeys) - 1)
     return np.where(skeys[idx] == want, order[idx], -1)
+
+
+@dataclass(frozen=True, eq=False)
+class CopySpans:
+    """Where the pieces of each asynchronous copy may run (``build_model(copy_spans=N)``).
+
+    A fetch at gadget q may run in pieces at the non-view kernels from q's kernel up to the
+    tensor's next use (exclusive): the tensor is in fast memory there from q on, as the flow
+    graph already counts it, and nothing reads it before that use. A write-back at gadget q
+    (leaving PRE(q)) may run in pieces at the non-view kernels after the tensor was last
+    written (its producer or an in-place writer, both users) up to q's kernel: a PRE vertex
+    is only reached from PRE or from a writer's DRAM, so the tensor is in fast memory and
+    unchanged there. At most ``span`` kernels each. Piece i of edge ``p_edge[i]`` may run at
+    kernel ``p_kernel[i]``. A fetch's pieces after one of its tensor's gadgets g need the path
+    to stay in fast memory past g (it could drop the copy there and fetch again later): row j
+    bounds the pieces of edge ``c_edge[j]`` at kernels after ``c_after[j]`` (g's kernel) by the
+    flow on edge ``c_stay[j]``, DRAM(g) -> DRAM(g+1)."""
+
+    p_edge: np.ndarray
+    p_kernel: np.ndarray
+    c_edge: np.ndarray
+    c_after: np.ndarray
+    c_stay: np.ndarray
+
+
+def copy_spans(graph: Graph, fg: FlowGraphs, edges: np.ndarray, span: int) -> CopySpans:
+    """The kernels at which the pieces of the asynchronous copy edges `edges` may run (see
+    CopySpans); an edge that may not spread gets one piece at its own kernel."""
+    is_view = np.array([k.view for k in graph.kernels], dtype=bool)
+    nonview = np.flatnonzero(~is_view)
+    K = len(graph.kernels)
+    p_edge: list[int] = []
+    p_kernel: list[int] = []
+    chains: list[tuple[int, int, int]] = []  # (edge, after kernel, stay pair index)
+    stay_pairs: list[tuple[int, int]] = []
+    src_kind = fg.vertex_kind(fg.e_src)
+    for e in edges.tolist():
+        q = int(fg.e_gadget[e])
+        k = int(fg.g_kernel[q])
+        p = int(fg.e_tensor[e])
+        lo, hi = int(fg.g_ptr[p]), int(fg.g_ptr[p + 1])
+        kernels = [k]
+        if span > 1 and fg.has_producer[p]:
+            if fg.e_kind[e] == READ:
+                nxt = q + 1
+                while nxt < hi and fg.g_async[nxt]:
+                    nxt += 1
+                end = int(fg.g_kernel[nxt]) if nxt < hi else K
+                a, b = np.searchsorted(nonview, [k, end])
+                kernels = nonview[a:min(b, a + span)].tolist()
+                for g in range(q, nxt):
+                    if g + 1 < hi and int(fg.g_kernel[g]) < kernels[-1]:
+                        chains.append((e, int(fg.g_kernel[g]), len(stay_pairs)))
+                        stay_pairs.append((3 * g + DRAM, 3 * (g + 1) + DRAM))
+            elif src_kind[e] == PRE:
+                w = q - 1  # the last writer: an in-place one, else the producer (gadget lo)
+                while w > lo and not fg.g_writes[w]:
+                    w -= 1
+                start = int(fg.g_kernel[w])
+                a, b = np.searchsorted(nonview, [start + 1, k + 1])
+                kernels = nonview[max(a, b - span):b].tolist() or [k]
+        p_edge += [e] * len(kernels)
+        p_kernel += kernels
+    stay = edge_ids(fg, stay_pairs) if stay_pairs else np.zeros(0, dtype=np.int64)
+    if (stay < 0).any():
+        raise AssertionError("a fetch's gadget lacks its DRAM -> DRAM edge")
+    ch = np.array(chains, dtype=np.int64).reshape(-1, 3)
+    return CopySpans(np.array(p_edge, dtype=np.int64), np.array(p_kernel, dtype=np.int64),
+                     ch[:, 0], ch[:, 1], stay[ch[:, 2]] if len(ch) else np.zeros(0, dtype=np.int64))

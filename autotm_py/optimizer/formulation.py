@@ -43,6 +43,12 @@ ASYNC_FULL_BELOW = 5_000
 # (inception_v4 35k, resnet200 44k candidates).
 ASYNC_SMALL_ABOVE = 100_000
 ASYNC_SMALL_SHARE = 0.1
+# pieces of a spread copy: shares below this are the solver's round-off, not a piece; piece
+# boundaries fall on multiples of SLICE_ALIGN bytes in copies of at least ALIGN_FROM bytes
+# (each boundary moves a piece's time by at most 2 KiB of copying: 40 ns at 50 GB/s)
+SHARE_EPS = 1e-6
+SLICE_ALIGN = 4096
+ALIGN_FROM = 1 << 20
 AsyncCandidates = Union[int, None, str]
 
 
@@ -75,13 +81,29 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
                       solver: str = "highs", async_window: int = 15,
                       async_candidates: AsyncCandidates = "auto",
                       move_state: bool = False, warm_start: bool = True,
-                      refine_seconds: float = 0.0) -> Plan:
+                      refine_seconds: float = 0.0, copy_spans: int = 0) -> Plan:
     """Build and solve one formulation's ILP and return its Plan. `limit_bytes`: one byte
     count, or one per kernel. The asynchronous formulation starts from the synchronous
     optimum (its solve time is included); `async_candidates` restricts its overlap
     candidates ("auto", a number or None: see async_restriction and
     flowgraph.build_flow_graphs). With `refine_seconds`, an asynchronous plan the restriction
-    shaped is solved again with every candidate (refine_asynchronous)."""
+    shaped is solved again with every candidate (refine_asynchronous). `copy_spans`
+    (asynchronous): an async copy may run in pieces over up to this many kernels
+    (ilp.build_model)."""
+    if copy_spans < 0:
+        raise ValueError(f"copy_spans must be 0 or more, got {copy_spans}")
+    if formulation != "asynchronous":
+        copy_spans = 0
+    if copy_spans > 1:
+        t0 = time.perf_counter()
+        whole = solve_formulation(graph, profile, formulation, limit_bytes, ratio=ratio,
+                                  time_limit=time_limit / 2, mip_gap=mip_gap, solver=solver,
+                                  async_window=async_window, async_candidates=async_candidates,
+                                  move_state=move_state, warm_start=warm_start,
+                                  refine_seconds=refine_seconds)
+        return spread_copies(graph, profile, whole, limit_bytes, copy_spans=copy_spans,
+                             seconds=max(time_limit - (time.perf_counter() - t0), 1.0), ratio=ratio,
+                             mip_gap=mip_gap, solver=solver)
     limits = kernel_limits(graph, limit_bytes)
     if infeasible_kernel(graph, profile, formulation, limit_bytes, move_state=move_state) is not None:
         raise Infeasible(explain_infeasible(graph, profile, formulation, limit_bytes, move_state))
@@ -104,7 +126,7 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
     model = build_model(graph, profile, formulation, limits, window=async_window,
                         move_state=move_state, async_candidates=rule.candidates,
                         full_below=rule.full_below, small_above=rule.small_above,
-                        small_share=rule.small_share)
+                        small_share=rule.small_share, copy_spans=copy_spans)
     x0 = None
     if start is not None:
         x0 = start_vector(model, graph, profile, start)
@@ -122,7 +144,8 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
                                             solver_said=True)) from None
     if warm_seconds:
         sol = dataclasses.replace(sol, solve_seconds=sol.solve_seconds + warm_seconds)
-    plan = plan_from_solution(graph, profile, model, sol, limit_bytes, ratio, move_state, async_window)
+    plan = plan_from_solution(graph, profile, model, sol, limit_bytes, ratio, move_state, async_window,
+                              copy_spans)
     if refine_seconds > 0 and formulation == "asynchronous":
         plan = refine_asynchronous(graph, profile, plan, limit_bytes, seconds=refine_seconds, ratio=ratio,
                                    mip_gap=mip_gap, solver=solver)
@@ -142,20 +165,109 @@ def refine_asynchronous(graph: Graph, profile: Profile, plan: Plan, limit_bytes:
     if plan.async_candidates is None and plan.async_min_bytes is None:
         return plan
     model = build_model(graph, profile, "asynchronous", kernel_limits(graph, limit_bytes), window=plan.async_window,
-                        move_state=plan.move_state)
+                        move_state=plan.move_state, copy_spans=plan.copy_spans)
+    return solve_from(graph, profile, plan, model, limit_bytes, seconds=seconds, ratio=ratio,
+                      mip_gap=mip_gap, solver=solver)
+
+
+def spread_copies(graph: Graph, profile: Profile, plan: Plan, limit_bytes: Limit, *, copy_spans: int,
+                  seconds: float, ratio: str | None = None, mip_gap: float = 0.01,
+                  solver: str = "highs") -> Plan:
+    """An asynchronous `plan` (each copy beside one kernel) solved again with its copies free
+    to run in pieces over up to `copy_spans` kernels, for up to `seconds`, starting from it:
+    the better of the two. Solved directly, that model's LP is weaker (the chord of max(T,
+    copy) no longer bounds a copy that may spread) and HiGHS can end far from the plan solved
+    without spans (VGG19 batch 256 under 14.85 GiB on an H200's profile: 0.472 s at a 30% gap
+    after 60 s, against 0.398 s without spans in 17 s)."""
+    model = build_model(graph, profile, "asynchronous", kernel_limits(graph, limit_bytes),
+                        window=plan.async_window, move_state=plan.move_state,
+                        async_candidates=plan.async_candidates, async_min_bytes=plan.async_min_bytes,
+                        copy_spans=copy_spans)
+    plan = dataclasses.replace(plan, copy_spans=copy_spans)
+    greedy = spread_greedily(graph, profile, model, plan)
+    if greedy.predicted_seconds < plan.predicted_seconds:
+        plan = greedy
+    return solve_from(graph, profile, plan, model, limit_bytes, seconds=seconds, ratio=ratio,
+                      mip_gap=mip_gap, solver=solver)
+
+
+def spread_greedily(graph: Graph, profile: Profile, model: Model, plan: Plan) -> Plan:
+    """`plan` with each async copy (in kernel order) poured over the kernels the model lets it
+    spread to, filling each up to its kernel's time before the next (a fetch from its
+    start on, a write-back from where it leaves back), the rest where it starts: the same
+    placements, never a slower step. A start for spread_copies' solve."""
+    fg = model.fg
+    bw = profile.bandwidths
+    span: dict[tuple[int, str, int], list[int]] = {}
+    for e, k in zip(model.y_edge.tolist(), model.y_kernel.tolist()):
+        key = (int(fg.storages[fg.e_tensor[e]]), "to_fast" if fg.e_kind[e] == READ else "to_slow",
+               int(fg.g_kernel[fg.e_gadget[e]]))
+        span.setdefault(key, []).append(k)
+    ws = plan_workspace(graph, profile, plan)
+    room = {k.index: kernel_seconds(profile, k.index, plan.kernel_masks[k.index], int(ws[k.index]))
+            for k in graph.compute_kernels}
+    moves = []
+    for mv in plan.moves:
+        if mv.kind != "async" or mv.slices:
+            if mv.kind == "async":
+                for k, nb in mv.pieces():
+                    room[k] -= bw.move_seconds(mv.nbytes, "read" if mv.direction == "to_fast" else "write", True) \
+                        * nb / max(mv.nbytes, 1)
+            moves.append(mv)
+            continue
+        secs = bw.move_seconds(mv.nbytes, "read" if mv.direction == "to_fast" else "write", True)
+        ks = sorted(span.get((mv.storage, mv.direction, mv.kernel), [mv.kernel]))
+        # outward from where the copy starts (a fetch) or ends (a write-back), while the
+        # plan keeps the tensor in fast memory
+        order = ks if mv.direction == "to_fast" else ks[::-1]
+        tp = plan.tensor_plan(mv.storage)
+        stop = next((i for i, k in enumerate(order) if tp.tier_at(k) != FAST), len(order))
+        order = order[:stop] or [mv.kernel]
+        left, share = secs, {}
+        for k in order:
+            put = min(left, max(room[k], 0.0))
+            if put > 0:
+                share[k] = put
+                left -= put
+        if left > 0:
+            share[mv.kernel] = share.get(mv.kernel, 0.0) + left
+        for k, v in share.items():
+            room[k] -= v
+        pieces = sorted(share.items())
+        if len(pieces) == 1 and pieces[0][0] == mv.kernel:
+            moves.append(mv)
+            continue
+        cum = np.cumsum([v for _, v in pieces])[:-1] / secs if secs else np.zeros(len(pieces) - 1)
+        align = SLICE_ALIGN if mv.nbytes >= ALIGN_FROM else 1
+        cuts = np.round(cum * mv.nbytes / align).astype(np.int64) * align
+        bounds = np.r_[0, np.clip(cuts, 0, mv.nbytes), mv.nbytes]
+        slices = tuple((int(k), int(b - a)) for (k, _), a, b in zip(pieces, bounds[:-1], bounds[1:]) if b > a)
+        moves.append(dataclasses.replace(mv, slices=() if len(slices) == 1 and slices[0][0] == mv.kernel
+                                         else slices))
+    predicted = predict_seconds(graph, profile, plan.kernel_masks, moves, plan.workspace)
+    # the solver's objective is that of this plan as a point of the model (start_vector)
+    return dataclasses.replace(plan, moves=tuple(moves), predicted_seconds=predicted,
+                               metrics={**plan.metrics, "predicted_runtime": predicted},
+                               solver=dataclasses.replace(plan.solver, objective=predicted))
+
+
+def solve_from(graph: Graph, profile: Profile, plan: Plan, model: Model, limit_bytes: Limit, *,
+               seconds: float, ratio: str | None, mip_gap: float, solver: str) -> Plan:
+    """`model` solved for up to `seconds` from `plan` (where its paths are the model's): the
+    better plan of the two, with the time spent counted in its solver stats either way."""
     x0 = start_vector(model, graph, profile, plan)
     start = x0 if x0 is not None and is_feasible(model, x0) else None
     t0 = time.perf_counter()
     try:
         sol = solve(model, backend=solver, time_limit=seconds, mip_gap=mip_gap, start=start)
-    except SolverFailed:  # nothing found in time (a start only HiGHS takes)
+    except (SolverFailed, Infeasible):  # nothing found in time (a start only HiGHS takes)
         sol = None
     spent = dict(build_seconds=plan.solver.build_seconds + model.build_seconds,
                  solve_seconds=plan.solver.solve_seconds + time.perf_counter() - t0)
     keep = plan
     if sol is not None:
         better = plan_from_solution(graph, profile, model, sol, limit_bytes, ratio, plan.move_state,
-                                    plan.async_window)
+                                    plan.async_window, plan.copy_spans)
         if better.predicted_seconds < plan.predicted_seconds:
             keep = better
     return dataclasses.replace(keep, solver=dataclasses.replace(keep.solver, **spent))
@@ -199,7 +311,25 @@ def start_vector(model: Model, graph: Graph, profile: Profile, plan: Plan) -> np
     for mv in plan.moves:
         if mv.kind == "async":
             d = "read" if mv.direction == "to_fast" else "write"
-            load[mv.kernel] = load.get(mv.kernel, 0.0) + profile.bandwidths.move_seconds(mv.nbytes, d, True)
+            secs = profile.bandwidths.move_seconds(mv.nbytes, d, True)
+            for k, nb in mv.pieces():
+                load[k] = load.get(k, 0.0) + secs * (nb / mv.nbytes if mv.nbytes else 1.0)
+    if len(model.y_col):
+        # a spread edge's shares: the plan's pieces, or the whole copy at its own kernel
+        share = {}
+        for mv in plan.moves:
+            if mv.kind == "async":
+                for k, nb in mv.pieces():
+                    share[(mv.storage, mv.direction, mv.kernel, k)] = nb / mv.nbytes if mv.nbytes else 1.0
+        for e, k, col in zip(model.y_edge.tolist(), model.y_kernel.tolist(), model.y_col.tolist()):
+            if x[e] > 0.5:
+                key = (int(fg.storages[fg.e_tensor[e]]), "to_fast" if fg.e_kind[e] == READ else "to_slow",
+                       int(fg.g_kernel[fg.e_gadget[e]]), k)
+                x[col] = share.get(key, 0.0)
+        got = np.zeros(fg.num_edges)
+        np.add.at(got, model.y_edge, x[model.y_col])
+        if not np.allclose(got[model.y_edge], x[model.y_edge]):
+            return None  # pieces this model does not allow
     for k, c in zip(model.z_kernel.tolist(), model.z_col.tolist()):
         x[c] = max(kernel_seconds(profile, k, plan.kernel_masks[k], int(ws[k])), load.get(k, 0.0))
     return x
@@ -292,15 +422,42 @@ def is_feasible(model: Model, x: np.ndarray, tol: float = 1e-9) -> bool:
                 and ((x >= model.col_lower - tol) & (x <= model.col_upper + tol)).all())
 
 
+def slices_of(model: Model, x: np.ndarray, sel: np.ndarray, edge: int,
+              nbytes: int) -> tuple[tuple[int, int], ...]:
+    """The (kernel, bytes) pieces of a spread copy edge from its share columns in x (`sel`:
+    the edge's entries of model.y_edge); () when it runs whole at its own kernel. Shares
+    under SHARE_EPS are left out and the rest rescaled; bytes are whole SLICE_ALIGN
+    multiples, the last piece takes the remainder."""
+    if not len(sel):
+        return ()
+    shares = np.clip(x[model.y_col[sel]], 0.0, None)
+    keep = shares >= SHARE_EPS
+    ks, shares = model.y_kernel[sel][keep], shares[keep]
+    if len(ks) <= 1:
+        return () if not len(ks) or ks[0] == model.fg.g_kernel[model.fg.e_gadget[edge]] else ((int(ks[0]), nbytes),)
+    order = np.argsort(ks)
+    ks, shares = ks[order], shares[order] / shares.sum()
+    align = SLICE_ALIGN if nbytes >= ALIGN_FROM else 1
+    cuts = np.round(np.cumsum(shares)[:-1] * nbytes / align).astype(np.int64) * align
+    bounds = np.r_[0, np.clip(cuts, 0, nbytes), nbytes]
+    out = tuple((int(k), int(b - a)) for k, a, b in zip(ks, bounds[:-1], bounds[1:]) if b > a)
+    if len(out) == 1 and out[0][0] == model.fg.g_kernel[model.fg.e_gadget[edge]]:
+        return ()
+    return out
+
+
 def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Solution,
                        limit_bytes: Limit, ratio: str | None, move_state: bool,
-                       async_window: int) -> Plan:
+                       async_window: int, copy_spans: int = 0) -> Plan:
     fg = model.fg
     x = np.round(sol.x)
     paths = trace_paths(model, x)
     tensors: list[TensorPlan] = []
     moves: list[Move] = []
     Q = fg.num_gadgets
+    by_edge = np.argsort(model.y_edge, kind="stable")
+    edge_lo = np.searchsorted(model.y_edge[by_edge], np.arange(fg.num_edges))
+    edge_hi = np.searchsorted(model.y_edge[by_edge], np.arange(fg.num_edges), side="right")
     for p, path in enumerate(paths):
         storage = int(fg.storages[p])
         nb = int(fg.nbytes[p])
@@ -320,7 +477,9 @@ def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Soluti
         for e in path[fg.e_kind[path] != NONE]:
             moves.append(Move(storage, "to_fast" if fg.e_kind[e] == READ else "to_slow",
                               "async" if fg.e_async[e] else "sync",
-                              int(fg.g_kernel[fg.e_gadget[e]]), nb))
+                              int(fg.g_kernel[fg.e_gadget[e]]), nb,
+                              slices_of(model, sol.x, by_edge[edge_lo[e]:edge_hi[e]], int(e), nb)
+                              if fg.e_async[e] else ()))
     masks = [0] * len(graph.kernels)
     chosen = model.cfg_col < 0
     chosen[~chosen] = x[model.cfg_col[~chosen]] > 0.5
@@ -343,5 +502,5 @@ def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Soluti
         plan_metrics(graph, profile, all_plans, moves, top, ratio, predicted),
         move_state, async_window, fg.async_candidates,
         tuple(int(b) for b in limits) if is_per_kernel(limit_bytes) else None,
-        fg.async_min_bytes, tuple(int(b) for b in workspace),
+        fg.async_min_bytes, tuple(int(b) for b in workspace), copy_spans,
     )

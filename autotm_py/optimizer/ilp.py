@@ -39,7 +39,7 @@ The objective is in seconds (the solver module may scale it).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -50,6 +50,7 @@ from .limits import kernel_limits, kernel_workspace
 from .plan import kernel_seconds
 from .flowgraph import (NONE, READ, WRITE, FlowGraphs, build_flow_graphs, candidate_seconds,
                         fast_expression_ids, gadget_expressions)
+from .flowgraph import copy_spans as copy_span_pieces
 
 # capacity rows count MiB (exact float division, no rounding) so that their coefficients sit
 # near the flow rows' 1s; every number outside the model stays in bytes
@@ -89,6 +90,10 @@ class Model:
     ws_col: np.ndarray
     ws_bytes: np.ndarray
     ws_reach: np.ndarray
+    # copies that may run in pieces (copy_spans): per piece its edge, kernel and share column
+    y_edge: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    y_kernel: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    y_col: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def workspace(self, x: np.ndarray) -> np.ndarray:
         """Workspace bytes a solution reserves at each kernel."""
@@ -206,9 +211,11 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
                 limit_bytes: int | Sequence[int] | np.ndarray, *, window: int = 15,
                 move_state: bool = False, async_candidates: int | None = None,
                 full_below: int | None = None, async_min_bytes: int | None = None,
-                small_above: int | None = None, small_share: float = 0.0) -> Model:
+                small_above: int | None = None, small_share: float = 0.0,
+                copy_spans: int = 0) -> Model:
     """The whole ILP for one formulation and fast-memory limit (bytes, one for every kernel
-    or one per kernel)."""
+    or one per kernel). `copy_spans` (asynchronous): each async copy may run in pieces over
+    up to this many kernels (flowgraph.copy_spans); 0 or 1: at its one kernel."""
     t0 = time.perf_counter()
     limits = kernel_limits(graph, limit_bytes)
     fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state,
@@ -413,7 +420,44 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     c[:E][sync] = mc[sync]
     asy = np.flatnonzero((fg.e_kind != NONE) & fg.e_async)
     async_k = fg.g_kernel[fg.e_gadget[asy]]
-    z_kernel = np.unique(async_k)
+    # copies that may spread over several kernels get one share column per kernel (the
+    # shares sum to the edge); the rest stay whole at their own kernel
+    spans = copy_span_pieces(graph, fg, asy, copy_spans) if copy_spans > 1 and len(asy) else None
+    spread = np.zeros(len(asy), dtype=bool)
+    if spans is not None:
+        pieces = np.bincount(np.searchsorted(asy, spans.p_edge), minlength=len(asy))
+        spread = pieces > 1
+        keep = spread[np.searchsorted(asy, spans.p_edge)]
+        y_edge, y_kernel = spans.p_edge[keep], spans.p_kernel[keep]
+    else:
+        y_edge = y_kernel = np.zeros(0, dtype=np.int64)
+    y_col = np.arange(ncols, ncols + len(y_edge))
+    ncols += len(y_edge)
+    if len(y_edge):
+        yrow = rows.new(np.zeros(int(spread.sum())), 0.0)  # sum of shares - x == 0
+        yr = np.full(fg.num_edges, -1, dtype=np.int64)
+        yr[asy[spread]] = yrow
+        rows.add(yr[y_edge], y_col, 1.0)
+        rows.add(yrow, asy[spread], -1.0)
+        # a fetch's pieces after a gadget of its tensor need the path to stay fast there
+        ce, ca, cs = spans.c_edge, spans.c_after, spans.c_stay
+        if len(ce):
+            crow = rows.new(np.full(len(ce), -np.inf), 0.0)  # sum of later shares - stay <= 0
+            key = y_edge * (K + 2) + y_kernel
+            order = np.argsort(key, kind="stable")
+            lo = np.searchsorted(key[order], ce * (K + 2) + ca + 1)
+            hi = np.searchsorted(key[order], ce * (K + 2) + K + 1)
+            lens = hi - lo
+            owner = np.repeat(np.arange(len(ce)), lens)
+            offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+            idx = order[np.repeat(lo, lens) + offs]
+            rows.add(crow[owner], y_col[idx], 1.0)
+            rows.add(crow, cs, -1.0)
+    col_lo.append(np.zeros(len(y_edge))); col_hi.append(np.ones(len(y_edge)))
+    integ.append(np.zeros(len(y_edge), dtype=bool))
+    c = np.concatenate([c, np.zeros(len(y_edge))])
+    whole = asy[~spread]
+    z_kernel = np.unique(np.concatenate([async_k[~spread], y_kernel]))
     z_col = np.arange(ncols, ncols + len(z_kernel))
     ncols += len(z_kernel)
     zc = np.ones(len(z_kernel))
@@ -440,8 +484,9 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
                 rows.add(zrow_t[i:i + 1], [col], -dt * ROW_TIME_UNIT)
         rows.add(zrow_t, z_col, ROW_TIME_UNIT)
         rows.add(zrow_m, z_col, ROW_TIME_UNIT)
-        zi = np.searchsorted(z_kernel, async_k)
-        rows.add(zrow_m[zi], asy, -mc[asy] * ROW_TIME_UNIT)
+        zi = np.searchsorted(z_kernel, fg.g_kernel[fg.e_gadget[whole]])
+        rows.add(zrow_m[zi], whole, -mc[whole] * ROW_TIME_UNIT)
+        rows.add(zrow_m[np.searchsorted(z_kernel, y_kernel)], y_col, -mc[y_edge] * ROW_TIME_UNIT)
         # z >= tmin + sum over copies longer than tmin of (copy - tmin) x, tmin = the
         # kernel's fastest configuration: valid (no copy: z >= T >= tmin; any copies: z >=
         # their sum, which is at least the right side), and for one copy the convex hull of
@@ -450,14 +495,16 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         tmin = np.array([min(kernel_time_terms[k][1]) if kernel_time_terms[k][0]
                          else kernel_time_terms[k][2] + sum(dt for _, dt in ws_saves.get(k, ()))
                          for k in z_kernel.tolist()])
-        longer = mc[asy] > tmin[zi]
+        # (whole copies only: a share of a spread copy may be anywhere in [0, 1], where
+        # the chord of max(T, copy) over-states its cost)
+        longer = mc[whole] > tmin[zi]
         if longer.any():
             zk = np.unique(zi[longer])
             zrow_h = np.full(len(z_kernel), -1, dtype=np.int64)
             zrow_h[zk] = rows.new(tmin[zk] * ROW_TIME_UNIT, np.inf)
             rows.add(zrow_h[zk], z_col[zk], ROW_TIME_UNIT)
-            rows.add(zrow_h[zi[longer]], asy[longer],
-                     -(mc[asy][longer] - tmin[zi[longer]]) * ROW_TIME_UNIT)
+            rows.add(zrow_h[zi[longer]], whole[longer],
+                     -(mc[whole][longer] - tmin[zi[longer]]) * ROW_TIME_UNIT)
     c = np.concatenate([c, zc])
     col_lo.append(np.zeros(len(z_kernel))); col_hi.append(np.full(len(z_kernel), np.inf))
     integ.append(np.zeros(len(z_kernel), dtype=bool))
@@ -467,7 +514,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         c, offset, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ),
         start, index, value, rlo, rhi, fg, cfg_kernel, cfg_mask, cfg_col, m_col0, nonview,
         z_kernel, z_col, time.perf_counter() - t0, ws_base, ws_kernel, ws_col, ws_bytes,
-        np.array(step_reach, dtype=np.int64),
+        np.array(step_reach, dtype=np.int64), y_edge, y_kernel, y_col,
     )
 
 

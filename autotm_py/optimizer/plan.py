@@ -4,8 +4,12 @@ runtime that inserts moves into the FX graph.
 
 Move semantics: a sync ``to_fast`` runs just before ``kernel``; a sync ``to_slow`` runs just
 after ``kernel`` and frees the fast copy; an async move runs concurrently with ``kernel`` and
-completes by its end. A tensor whose segment says fast during a kernel and slow after it,
-with no ``to_slow`` move there, drops its fast copy for free (its slow copy is valid).
+completes by its end. An async move with ``slices`` runs in pieces instead, each concurrently
+with its own kernel and complete by that kernel's end, in the order of the storage's bytes: a
+fetch's pieces at ``kernel`` and the kernels after it before the storage's next use, a
+write-back's at kernels after the storage was last written up to ``kernel`` (where the fast
+copy is freed). A tensor whose segment says fast during a kernel and slow after it, with no
+``to_slow`` move there, drops its fast copy for free (its slow copy is valid).
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ class Move:
     kind: str  # "sync" or "async"
     kernel: int
     nbytes: int
+    # async only: (kernel, bytes) pieces in kernel order summing to nbytes; () = the whole
+    # copy at `kernel`
+    slices: tuple[tuple[int, int], ...] = ()
+
+    def pieces(self) -> tuple[tuple[int, int], ...]:
+        """(kernel, bytes) of each piece of the copy: its slices, or the whole at `kernel`."""
+        return self.slices or ((self.kernel, self.nbytes),)
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,8 @@ class Plan:
     # given less than its measured workspace is predicted at its time without one. None in
     # plans made before this field: the workspace wherever it fit, at the profiled time.
     workspace: tuple[int, ...] | None = None
+    # the asynchronous formulation's longest copy span in kernels (0: each copy at one kernel)
+    copy_spans: int = 0
 
     # ---- queries --------------------------------------------------------------------
     def tensor_plan(self, storage: int) -> TensorPlan:
@@ -147,11 +160,13 @@ class Plan:
             "kernel_limits": None if self.kernel_limits is None else list(self.kernel_limits),
             "async_min_bytes": self.async_min_bytes,
             "workspace": None if self.workspace is None else list(self.workspace),
+            "copy_spans": self.copy_spans,
             "solver": asdict(self.solver),
             "metrics": dict(self.metrics),
             "kernel_masks": list(self.kernel_masks), "fast_bytes": list(self.fast_bytes),
             "tensors": [[t.storage, t.initial, [list(s) for s in t.segments]] for t in self.tensors],
-            "moves": [[m.storage, m.direction, m.kind, m.kernel, m.nbytes] for m in self.moves],
+            "moves": [[m.storage, m.direction, m.kind, m.kernel, m.nbytes]
+                      + ([[list(x) for x in m.slices]] if m.slices else []) for m in self.moves],
         }
 
     @staticmethod
@@ -171,7 +186,9 @@ class Plan:
             d["device"], int(d["limit_bytes"]), d.get("ratio"),
             tuple(TensorPlan(int(s), i, tuple((int(a), b, c) for a, b, c in segs))
                   for s, i, segs in d["tensors"]),
-            tuple(Move(int(s), di, k, int(n), int(b)) for s, di, k, n, b in d["moves"]),
+            tuple(Move(int(s), di, k, int(n), int(b),
+                       tuple((int(a), int(c)) for a, c in rest[0]) if rest else ())
+                  for s, di, k, n, b, *rest in d["moves"]),
             tuple(int(m) for m in d["kernel_masks"]), tuple(int(b) for b in d["fast_bytes"]),
             float(d["predicted_seconds"]), float(d["all_fast_seconds"]), bool(d["modeled"]),
             SolverStats(**d["solver"]), dict(d.get("metrics", {})),
@@ -181,6 +198,7 @@ class Plan:
             None if d.get("kernel_limits") is None else tuple(int(b) for b in d["kernel_limits"]),
             None if d.get("async_min_bytes") is None else int(d["async_min_bytes"]),
             None if d.get("workspace") is None else tuple(int(b) for b in d["workspace"]),
+            int(d.get("copy_spans", 0)),
         )
 
     def save(self, path: str) -> None:
@@ -261,7 +279,7 @@ def kernel_seconds(profile: Profile, kernel: int, mask: int, workspace: int | No
 def _time_terms(graph: Graph, profile: Profile, masks: Iterable[int], moves: Iterable[Move],
                 workspace: Sequence[int] | None) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
     """Per kernel: its time under its mask and workspace, the async copy seconds that overlap
-    it, and the sync copy seconds issued at it."""
+    it (pieces of sliced copies at their own kernels), and the sync copy seconds issued at it."""
     bw = profile.bandwidths
     kt = {k: kernel_seconds(profile, k, m, None if workspace is None else int(workspace[k]))
           for k, m in enumerate(masks) if not graph.kernels[k].view}
@@ -270,8 +288,12 @@ def _time_terms(graph: Graph, profile: Profile, masks: Iterable[int], moves: Ite
     for mv in moves:
         direction = "read" if mv.direction == "to_fast" else "write"
         secs = bw.move_seconds(mv.nbytes, direction, mv.kind == "async")
-        load = async_load if mv.kind == "async" else sync
-        load[mv.kernel] = load.get(mv.kernel, 0.0) + secs
+        if mv.kind != "async":
+            sync[mv.kernel] = sync.get(mv.kernel, 0.0) + secs
+            continue
+        # a piece costs its share of the whole copy's time (as the ILP prices it)
+        for k, nb in mv.pieces():
+            async_load[k] = async_load.get(k, 0.0) + secs * (nb / mv.nbytes if mv.nbytes else 1.0)
     return kt, async_load, sync
 
 

@@ -98,10 +98,13 @@ class Mover(nn.Module):
         self.stats.reset()
 
     def _count(self, nbytes: int, to: str, planned: bool, asynchronous: bool = False) -> None:
-        s = self.stats
-        s.copies += 1
+        self.stats.copies += 1
         if not planned:
-            s.unplanned_copies += 1
+            self.stats.unplanned_copies += 1
+        self._count_bytes(nbytes, to, asynchronous)
+
+    def _count_bytes(self, nbytes: int, to: str, asynchronous: bool = False) -> None:
+        s = self.stats
         if to == "fast":
             s.bytes_to_fast += nbytes
         else:
@@ -131,10 +134,21 @@ class CpuMover(Mover):
         return dst
 
     # CPU copies have no second engine to overlap with: an "async" move runs at its kernel.
-    def start(self, src: torch.Tensor, to: str, original: bool = False) -> torch.Tensor:
-        out = self.copy(src, to, True, original)
-        self.stats.bytes_async += out.numel()
-        return out
+    def start(self, src: torch.Tensor, to: str, original: bool = False, lo: int = 0,
+              hi: int | None = None) -> torch.Tensor:
+        """An async move's destination, with bytes [lo, hi) of `src` copied (all by default)."""
+        n = _bytes(src, original).numel()
+        dst = self.arena.alloc(n) if to == "slow" else torch.empty(n, dtype=torch.uint8)
+        self.stats.slow_bytes_live_peak = max(self.stats.slow_bytes_live_peak, self.arena.used)
+        self.stats.copies += 1
+        return self.resume(dst, src, to, original, lo, n if hi is None else hi)
+
+    def resume(self, handle: torch.Tensor, src: torch.Tensor, to: str, original: bool, lo: int,
+               hi: int) -> torch.Tensor:
+        """Copy bytes [lo, hi) of `src` into the destination `handle` (the next piece)."""
+        handle[lo:hi].copy_(_bytes(src, original)[lo:hi])
+        self._count_bytes(hi - lo, to, asynchronous=True)
+        return handle
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
@@ -174,15 +188,26 @@ class CudaMover(Mover):
         self._count(data.numel(), to, planned)
         return dst
 
-    def start(self, src: torch.Tensor, to: str, original: bool = False) -> torch.Tensor:
-        """Begin a copy on the copy stream, after everything issued so far on the compute
-        stream (the source is ready and the destination's memory is free there)."""
+    def start(self, src: torch.Tensor, to: str, original: bool = False, lo: int = 0,
+              hi: int | None = None) -> torch.Tensor:
+        """Begin a copy (of bytes [lo, hi) of `src`; all by default) on the copy stream, after
+        everything issued so far on the compute stream (the source is ready and the
+        destination's memory is free there)."""
         data = _bytes(src, original)
         dst = self._alloc(data.numel(), to)
+        self.stats.copies += 1
+        return self.resume(dst, src, to, original, lo, data.numel() if hi is None else hi)
+
+    def resume(self, handle: torch.Tensor, src: torch.Tensor, to: str, original: bool, lo: int,
+               hi: int) -> torch.Tensor:
+        """Copy bytes [lo, hi) of `src` into `handle` on the copy stream, after everything
+        issued so far on the compute stream (the next piece of a sliced move)."""
+        data = _bytes(src, original)
+        dst = handle
         compute = torch.cuda.current_stream(self.device)
         self.copy_stream.wait_stream(compute)
         with torch.cuda.stream(self.copy_stream):
-            dst.copy_(data, non_blocking=True)
+            dst[lo:hi].copy_(data[lo:hi], non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         # Both ends stay referenced here until `wait` has made the compute stream wait for the
@@ -192,7 +217,7 @@ class CudaMover(Mover):
         # that memory piles up, the cap is reached and the allocator synchronizes the device
         # to free its cache (a retry), which ends all overlap.
         self._pending[id(dst)] = _Pending(data, dst, done)
-        self._count(data.numel(), to, True, asynchronous=True)
+        self._count_bytes(hi - lo, to, asynchronous=True)
         return dst
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:

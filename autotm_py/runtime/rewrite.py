@@ -84,7 +84,12 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
     after: dict[int, list] = defaultdict(list)
     for m in plan.moves:
         if m.kind == "async":
-            concurrent[m.kernel].append(m)
+            # one entry per piece: (move, first byte, end byte, first piece?, last piece?)
+            pieces = m.pieces()
+            lo = 0
+            for i, (k, nb) in enumerate(pieces):
+                concurrent[k].append((m, lo, lo + nb, i == 0, i == len(pieces) - 1))
+                lo += nb
         elif m.direction == "to_fast":
             before[m.kernel].append(m)
         else:
@@ -102,7 +107,8 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
     versions: dict[int, dict[str, object]] = {}  # storage -> tier -> ORIGINAL or version node
     source: dict[int, fx.Node] = {}  # storage -> latest node whose value lies on it
     counts = {"planned": 0, "unplanned": 0, "views": 0}
-    pending_after: list[tuple[Kernel, list[fx.Node]]] = []
+    pending_after: list[tuple[Kernel, list]] = []
+    inflight: dict = {}  # a sliced move -> the node holding its destination between pieces
 
     def call(method: str, *args: object, meta: dict) -> fx.Node:
         n = g.call_method(method, (mover_node, *args))
@@ -133,8 +139,11 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
                     if tplans[s].initial == SLOW:
                         copy_to(s, SLOW, False)
                         del versions[s][FAST]
-            for m, h in handles:
+            for m, h, last in handles:
                 w = call("wait", h, meta={"move": "async-wait", "storage": m.storage})
+                if not last:  # more pieces follow at later kernels
+                    inflight[m] = w
+                    continue
                 versions[m.storage][FAST if m.direction == "to_fast" else SLOW] = w
                 if m.direction == "to_slow":
                     versions[m.storage].pop(FAST, None)
@@ -163,13 +172,18 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
                 for m in before[k.index]:
                     if FAST not in versions[m.storage]:
                         copy_to(m.storage, FAST, True)
-                for m in concurrent[k.index]:
+                for m, lo, hi, first_piece, last in concurrent[k.index]:
                     to = FAST if m.direction == "to_fast" else SLOW
                     src = SLOW if to == FAST else FAST
-                    h = call("start", version_node(m.storage, src), to, is_original(m.storage, src),
-                             meta={"move": "async", "storage": m.storage, "to": to})
-                    handles.append((m, h))
-                    counts["planned"] += 1
+                    meta = {"move": "async", "storage": m.storage, "to": to, "bytes": (lo, hi)}
+                    if first_piece:
+                        h = call("start", version_node(m.storage, src), to, is_original(m.storage, src),
+                                 lo, hi, meta=meta)
+                        counts["planned"] += 1
+                    else:
+                        h = call("resume", inflight.pop(m), version_node(m.storage, src), to,
+                                 is_original(m.storage, src), lo, hi, meta=meta)
+                    handles.append((m, h, last))
             leaves = _tensor_leaves(node)
             metas = k.inputs if k is not None else [None] * len(leaves)
             replace: dict[int, fx.Node] = {}
