@@ -38,7 +38,7 @@ def compile(plan: Any, model: Any, optimizer: Any = None, **kwargs: Any):
 
 def fit(graph: Graph, profile: Any, model: Any, inputs: Any, target: Any = None, *, budget: int,
         optimizer: Any = None, formulation: str = "asynchronous", max_retries: int = 3,
-        time_limit: float = 120.0, **kwargs: Any):
+        time_limit: float = 120.0, copy_spans: int = 0, **kwargs: Any):
     """CUDA: a training step whose measured peak stays within `budget` bytes of device memory,
     and the record of how it was found: the plan is solved, run on `inputs` under the budget,
     and where the step runs out of memory or goes over (allocator fragmentation, workspaces),
@@ -46,7 +46,7 @@ def fit(graph: Graph, profile: Any, model: Any, inputs: Any, target: Any = None,
     memory allocated when it is called that the step does not own stays out of the plan's
     limit. The model's parameters and buffers and the optimizer's state are left as they
     were. Returns (step, fitted); raises runtime.fit.BudgetError where no plan fitted.
-    `kwargs` go to compile."""
+    `copy_spans` goes to optimize, `kwargs` to compile."""
     import torch
 
     from .optimizer import optimize as _optimize
@@ -58,7 +58,8 @@ def fit(graph: Graph, profile: Any, model: Any, inputs: Any, target: Any = None,
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
     def solve(limits: Any):
-        return _optimize(graph, profile, formulation=formulation, limit_bytes=limits, time_limit=time_limit)
+        return _optimize(graph, profile, formulation=formulation, limit_bytes=limits, time_limit=time_limit,
+                         copy_spans=copy_spans)
 
     def make_step(plan: Any):
         return _compile(plan, model, optimizer, **kwargs)

@@ -30,13 +30,17 @@ from .optimize_cmd import _get_profile, _optimizer_errors
 @click.option("--max-retries", type=int, default=3, show_default=True, metavar="N",
               help="CUDA, when solving: re-solve up to N times with lower limits where the planned "
                    "step runs out of memory under the budget or its peak goes over it.")
+@click.option("--copy-spans", type=int, default=0, show_default=True, metavar="N",
+              help="When solving asynchronously: each copy may run in pieces beside up to N kernels "
+                   "(see autotm optimize --help).")
 @click.option("--no-compare", is_flag=True, help="Skip timing the unplanned step.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
 @_optimizer_errors
 def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | None, dram: str | None,
             budget: str | None, formulation: str, steps: int, device: str, slow_tier: str | None,
-            cache: str | None, time_limit: float, max_retries: int, no_compare: bool, as_json: bool) -> None:
+            cache: str | None, time_limit: float, max_retries: int, copy_spans: int, no_compare: bool,
+            as_json: bool) -> None:
     """Run MODEL's training step with a plan: measured step time, predicted time, prediction
     error, peak memory per tier and bytes moved.
 
@@ -68,6 +72,8 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
         raise UserError(f"--steps must be positive, got {steps}")
     if max_retries < 0:
         raise UserError(f"--max-retries must be 0 or more, got {max_retries}")
+    if copy_spans < 0:
+        raise UserError(f"--copy-spans must be 0 or more, got {copy_spans}")
     if budget is not None and device != "cuda":
         raise UserError("--budget is device memory for --device cuda; on the CPU give --dram or --ratio")
     check_device(device)
@@ -89,7 +95,8 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
         prof = _get_profile(graph, device, False, slow_tier, cache, as_json)
 
         def solve(limits):
-            return optimize(graph, prof, formulation=formulation, limit_bytes=limits, time_limit=time_limit)
+            return optimize(graph, prof, formulation=formulation, limit_bytes=limits, time_limit=time_limit,
+                            copy_spans=copy_spans)
 
         if device != "cuda":
             plan = solve(limit)
