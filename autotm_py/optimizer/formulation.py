@@ -233,17 +233,9 @@ def spread_greedily(graph: Graph, profile: Profile, model: Model, plan: Plan) ->
             share[mv.kernel] = share.get(mv.kernel, 0.0) + left
         for k, v in share.items():
             room[k] -= v
-        pieces = sorted(share.items())
-        if len(pieces) == 1 and pieces[0][0] == mv.kernel:
-            moves.append(mv)
-            continue
-        cum = np.cumsum([v for _, v in pieces])[:-1] / secs if secs else np.zeros(len(pieces) - 1)
-        align = SLICE_ALIGN if mv.nbytes >= ALIGN_FROM else 1
-        cuts = np.round(cum * mv.nbytes / align).astype(np.int64) * align
-        bounds = np.r_[0, np.clip(cuts, 0, mv.nbytes), mv.nbytes]
-        slices = tuple((int(k), int(b - a)) for (k, _), a, b in zip(pieces, bounds[:-1], bounds[1:]) if b > a)
-        moves.append(dataclasses.replace(mv, slices=() if len(slices) == 1 and slices[0][0] == mv.kernel
-                                         else slices))
+        ks = np.array(sorted(share), dtype=np.int64)
+        moves.append(dataclasses.replace(mv, slices=pieces_of(ks, np.array([share[k] for k in ks.tolist()]),
+                                                              mv.nbytes, mv.kernel)))
     predicted = predict_seconds(graph, profile, plan.kernel_masks, moves, plan.workspace)
     # the solver's objective is that of this plan as a point of the model (start_vector)
     return dataclasses.replace(plan, moves=tuple(moves), predicted_seconds=predicted,
@@ -432,18 +424,23 @@ def slices_of(model: Model, x: np.ndarray, sel: np.ndarray, edge: int,
         return ()
     shares = np.clip(x[model.y_col[sel]], 0.0, None)
     keep = shares >= SHARE_EPS
-    ks, shares = model.y_kernel[sel][keep], shares[keep]
-    if len(ks) <= 1:
-        return () if not len(ks) or ks[0] == model.fg.g_kernel[model.fg.e_gadget[edge]] else ((int(ks[0]), nbytes),)
-    order = np.argsort(ks)
-    ks, shares = ks[order], shares[order] / shares.sum()
+    return pieces_of(model.y_kernel[sel][keep], shares[keep], nbytes,
+                     int(model.fg.g_kernel[model.fg.e_gadget[edge]]))
+
+
+def pieces_of(kernels: np.ndarray, shares: np.ndarray, nbytes: int, own: int) -> tuple[tuple[int, int], ...]:
+    """Move.slices for a copy of `nbytes` split over `kernels` in proportion to `shares`: in
+    kernel order, boundaries on SLICE_ALIGN multiples (copies of ALIGN_FROM bytes or more);
+    () when everything lands at the copy's own kernel."""
+    if not len(kernels):
+        return ()
+    order = np.argsort(kernels)
+    ks, shares = kernels[order], shares[order] / shares.sum()
     align = SLICE_ALIGN if nbytes >= ALIGN_FROM else 1
     cuts = np.round(np.cumsum(shares)[:-1] * nbytes / align).astype(np.int64) * align
     bounds = np.r_[0, np.clip(cuts, 0, nbytes), nbytes]
     out = tuple((int(k), int(b - a)) for k, a, b in zip(ks, bounds[:-1], bounds[1:]) if b > a)
-    if len(out) == 1 and out[0][0] == model.fg.g_kernel[model.fg.e_gadget[edge]]:
-        return ()
-    return out
+    return () if len(out) == 1 and out[0][0] == own else out
 
 
 def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Solution,
