@@ -15,7 +15,7 @@ from .flowgraph import NONE, PMEM, READ, edge_ids, walk
 from .ilp import BYTE_UNIT, Model, build_model, trace_paths
 from .limits import (Limit, explain_infeasible, infeasible_kernel, is_per_kernel, kernel_limits,
                      plan_workspace)
-from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan,
+from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan, time_terms,
                    fast_bytes_per_kernel, fixed_tensor_plans, kernel_seconds, plan_metrics,
                    predict_seconds)
 from .solver import Infeasible, Solution, SolverFailed, solve
@@ -208,14 +208,13 @@ def spread_greedily(graph: Graph, profile: Profile, model: Model, plan: Plan) ->
             for k in graph.compute_kernels}
     moves = []
     for mv in plan.moves:
+        secs = bw.move_seconds(mv.nbytes, "read" if mv.direction == "to_fast" else "write", True)
         if mv.kind != "async" or mv.slices:
             if mv.kind == "async":
-                for k, nb in mv.pieces():
-                    room[k] -= bw.move_seconds(mv.nbytes, "read" if mv.direction == "to_fast" else "write", True) \
-                        * nb / max(mv.nbytes, 1)
+                for k, share in mv.shares():
+                    room[k] -= secs * share
             moves.append(mv)
             continue
-        secs = bw.move_seconds(mv.nbytes, "read" if mv.direction == "to_fast" else "write", True)
         ks = sorted(span.get((mv.storage, mv.direction, mv.kernel), [mv.kernel]))
         # outward from where the copy starts (a fetch) or ends (a write-back), while the
         # plan keeps the tensor in fast memory
@@ -299,20 +298,14 @@ def start_vector(model: Model, graph: Graph, profile: Profile, plan: Plan) -> np
     ws = plan_workspace(graph, profile, plan)
     x[model.ws_col] = 1.0  # a group takes a room step only where all its kernels have that room
     np.minimum.at(x, model.ws_col, (ws[model.ws_kernel] >= model.ws_reach) * 1.0)
-    load: dict[int, float] = {}
-    for mv in plan.moves:
-        if mv.kind == "async":
-            d = "read" if mv.direction == "to_fast" else "write"
-            secs = profile.bandwidths.move_seconds(mv.nbytes, d, True)
-            for k, nb in mv.pieces():
-                load[k] = load.get(k, 0.0) + secs * (nb / mv.nbytes if mv.nbytes else 1.0)
+    _, load, _ = time_terms(graph, profile, plan.kernel_masks, plan.moves, ws)
     if len(model.y_col):
         # a spread edge's shares: the plan's pieces, or the whole copy at its own kernel
         share = {}
         for mv in plan.moves:
             if mv.kind == "async":
-                for k, nb in mv.pieces():
-                    share[(mv.storage, mv.direction, mv.kernel, k)] = nb / mv.nbytes if mv.nbytes else 1.0
+                for k, part in mv.shares():
+                    share[(mv.storage, mv.direction, mv.kernel, k)] = part
         for e, k, col in zip(model.y_edge.tolist(), model.y_kernel.tolist(), model.y_col.tolist()):
             if x[e] > 0.5:
                 key = (int(fg.storages[fg.e_tensor[e]]), "to_fast" if fg.e_kind[e] == READ else "to_slow",

@@ -44,6 +44,10 @@ class Move:
         """(kernel, bytes) of each piece of the copy: its slices, or the whole at `kernel`."""
         return self.slices or ((self.kernel, self.nbytes),)
 
+    def shares(self) -> tuple[tuple[int, float], ...]:
+        """(kernel, share of the copy's bytes and time) of each piece."""
+        return tuple((k, nb / self.nbytes if self.nbytes else 1.0) for k, nb in self.pieces())
+
 
 @dataclass(frozen=True)
 class TensorPlan:
@@ -276,7 +280,7 @@ def kernel_seconds(profile: Profile, kernel: int, mask: int, workspace: int | No
     return max(times.values())
 
 
-def _time_terms(graph: Graph, profile: Profile, masks: Iterable[int], moves: Iterable[Move],
+def time_terms(graph: Graph, profile: Profile, masks: Iterable[int], moves: Iterable[Move],
                 workspace: Sequence[int] | None) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
     """Per kernel: its time under its mask and workspace, the async copy seconds that overlap
     it (pieces of sliced copies at their own kernels), and the sync copy seconds issued at it."""
@@ -292,8 +296,8 @@ def _time_terms(graph: Graph, profile: Profile, masks: Iterable[int], moves: Ite
             sync[mv.kernel] = sync.get(mv.kernel, 0.0) + secs
             continue
         # a piece costs its share of the whole copy's time (as the ILP prices it)
-        for k, nb in mv.pieces():
-            async_load[k] = async_load.get(k, 0.0) + secs * (nb / mv.nbytes if mv.nbytes else 1.0)
+        for k, share in mv.shares():
+            async_load[k] = async_load.get(k, 0.0) + secs * share
     return kt, async_load, sync
 
 
@@ -302,7 +306,7 @@ def predict_seconds(graph: Graph, profile: Profile, masks: Iterable[int], moves:
     """Step time: kernels under their masks (and with the workspace each gets; None: all it
     wants), plus sync moves, with async moves hidden behind the kernel they overlap (each
     such kernel costs max(its time, its async traffic))."""
-    kt, async_load, sync = _time_terms(graph, profile, masks, moves, workspace)
+    kt, async_load, sync = time_terms(graph, profile, masks, moves, workspace)
     return sum(sync.values()) + sum(max(t, async_load.get(k, 0.0)) for k, t in kt.items())
 
 
@@ -312,7 +316,7 @@ def phase_seconds(graph: Graph, profile: Profile, plan: "Plan") -> dict[str, dic
     its copies' time, and the time in which no copy runs (copy engine idle), by the rule of
     predict_seconds. A phase bound by its copies is at their time only where every kernel
     runs beside one; each async copy stays with the one kernel it overlaps."""
-    kt, async_load, sync = _time_terms(graph, profile, plan.kernel_masks, plan.moves, plan.workspace)
+    kt, async_load, sync = time_terms(graph, profile, plan.kernel_masks, plan.moves, plan.workspace)
     peak = graph.peak_kernel
     out: dict[str, dict[str, float]] = {}
     for name, inside in (("before_peak", lambda k: k < peak), ("from_peak", lambda k: k >= peak)):
