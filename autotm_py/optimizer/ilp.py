@@ -160,12 +160,18 @@ class _Rows:
         return start, cols.astype(np.int32), vals, lo, hi
 
 
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every position of the ranges [lo[i], hi[i]): returns (i of each position, position)."""
+    lens = np.maximum(hi - lo, 0)
+    owner = np.repeat(np.arange(len(lo)), lens)
+    offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    return owner, lo[owner] + offs
+
+
 def _expand(ptr: np.ndarray, items: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each id, the CSR items: returns (index into ids for each item, item)."""
-    lens = ptr[ids + 1] - ptr[ids]
-    owner = np.repeat(np.arange(len(ids)), lens)
-    offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-    return owner, items[ptr[ids][owner] + offs]
+    owner, at = _ranges(ptr[ids], ptr[ids + 1])
+    return owner, items[at]
 
 
 def allowed_masks(graph: Graph, profile: Profile, kernel: int, free: set[int]) -> list[int]:
@@ -307,11 +313,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         ck, cm, cc = cfg_kernel[order], cfg_mask[order], cfg_col[order]
         kstart = np.searchsorted(ck, lk)
         kend = np.searchsorted(ck, lk, side="right")
-        ch = ~single[lk]
-        lens = np.where(ch, kend - kstart, 0)
-        own = np.repeat(np.arange(len(lk)), lens)
-        offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        idx = kstart[own] + offs
+        own, idx = _ranges(kstart, np.where(~single[lk], kend, kstart))
         clear = (((cm[idx] >> lj[own]) & 1) == 0).astype(bool)
         rows.add(lrow[own[clear]], cc[idx[clear]], 1.0)
 
@@ -425,9 +427,9 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
     spans = copy_span_pieces(graph, fg, asy, copy_spans) if copy_spans > 1 and len(asy) else None
     spread = np.zeros(len(asy), dtype=bool)
     if spans is not None:
-        pieces = np.bincount(np.searchsorted(asy, spans.p_edge), minlength=len(asy))
-        spread = pieces > 1
-        keep = spread[np.searchsorted(asy, spans.p_edge)]
+        of = np.searchsorted(asy, spans.p_edge)  # each piece's copy, as a position in asy
+        spread = np.bincount(of, minlength=len(asy)) > 1
+        keep = spread[of]
         y_edge, y_kernel = spans.p_edge[keep], spans.p_kernel[keep]
     else:
         y_edge = y_kernel = np.zeros(0, dtype=np.int64)
@@ -447,11 +449,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
             order = np.argsort(key, kind="stable")
             lo = np.searchsorted(key[order], ce * (K + 2) + ca + 1)
             hi = np.searchsorted(key[order], ce * (K + 2) + K + 1)
-            lens = hi - lo
-            owner = np.repeat(np.arange(len(ce)), lens)
-            offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-            idx = order[np.repeat(lo, lens) + offs]
-            rows.add(crow[owner], y_col[idx], 1.0)
+            owner, at = _ranges(lo, hi)
+            rows.add(crow[owner], y_col[order[at]], 1.0)
             rows.add(crow, cs, -1.0)
     col_lo.append(np.zeros(len(y_edge))); col_hi.append(np.ones(len(y_edge)))
     integ.append(np.zeros(len(y_edge), dtype=bool))
