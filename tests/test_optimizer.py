@@ -621,7 +621,7 @@ def test_workspace_rooms_between_none_and_all(form):
     """With a partial room profiled too (cuDNN's first algorithm that fits in it), the plan
     reserves the small room, the partial one or the whole workspace: it equals the best of
     three brute forces, each with the kernel's limit lowered by that room and the kernel at
-    the time it was timed with there. A partial room no faster than the small one is no option."""
+    the time it was timed with there. A partial room no faster than a smaller one is no option."""
     import numpy as np
 
     from autotm_py.optimizer.limits import kernel_needs
@@ -634,7 +634,7 @@ def test_workspace_rooms_between_none_and_all(form):
     rooms = {5: t0 + 3.0, 20: t0 + 0.3, 45: t0}
     costs = list(prof.kernels)
     costs[k] = dataclasses.replace(costs[k], workspace=45, time_without_workspace=rooms[5], room_without_workspace=5,
-                                   partial_workspace=((20, rooms[20]), (30, rooms[5] + 1.0)))
+                                   partial_workspace=((20, rooms[20]), (30, rooms[20])))
     with_rooms = dataclasses.replace(prof, kernels=tuple(costs))
     assert with_rooms.kernels[k].workspace_options() == ((5, rooms[5]), (20, rooms[20]), (45, t0))
     chosen = set()

@@ -38,13 +38,23 @@ class KernelCost:
     def workspace_options(self) -> tuple[tuple[int, float], ...]:
         """(room, mask-0 seconds) a plan can choose from, smallest room first: the room the
         time without workspace was taken with, the partial rooms, the whole workspace. A
-        room that is not faster than a smaller one is left out; () where no choice is known."""
+        room that is not faster than a smaller one is left out; () where no choice is known.
+
+        A room is taken to be no faster than any larger one short of the whole workspace
+        (each time is the most measured with that room or more): cuDNN, given more room,
+        chooses among a superset of algorithms. On an H100 (VGG19 batch 256, benchmark mode)
+        profiles had timed backward convolutions at 7.9 ms without workspace but 54 ms with
+        1/16 and 1/4 of it, and a plan that left them no room ran them at 54 ms."""
         if self.time_without_workspace is None or not self.workspace:
             return ()
         fast = self.times[0]
-        points = sorted({(min(self.room_without_workspace, self.workspace), max(self.time_without_workspace, fast)),
-                         *((r, max(t, fast)) for r, t in self.partial_workspace if r < self.workspace),
-                         (self.workspace, fast)})
+        short = sorted({(min(self.room_without_workspace, self.workspace), max(self.time_without_workspace, fast)),
+                        *((r, max(t, fast)) for r, t in self.partial_workspace if r < self.workspace)})
+        worst = fast
+        for i in range(len(short) - 1, -1, -1):
+            worst = max(worst, short[i][1])
+            short[i] = (short[i][0], worst)
+        points = [*short, (self.workspace, fast)]
         out: list[tuple[int, float]] = []
         for r, t in points:
             if out and (r == out[-1][0] or t >= out[-1][1]):
@@ -64,9 +74,8 @@ class KernelCost:
     @property
     def workspace_saves(self) -> float:
         """Seconds the workspace saves over running without it (0 where unknown)."""
-        if self.time_without_workspace is None or not self.workspace:
-            return 0.0
-        return max(0.0, self.time_without_workspace - self.times[0])
+        opts = self.workspace_options()
+        return max(0.0, opts[0][1] - self.times[0]) if opts else 0.0
 
     @property
     def masks(self) -> tuple[int, ...]:
