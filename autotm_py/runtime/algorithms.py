@@ -1,17 +1,23 @@
-"""Each convolution's cuDNN algorithm chosen before a planned CUDA step runs, under the room the
+"""Each convolution's cuDNN algorithm chosen before a planned CUDA step runs, within the room the
 plan leaves its workspace.
 
 PyTorch keeps one cuDNN algorithm per convolution shape for the life of the process and chooses
-it at the shape's first call, among the algorithms whose workspace fits the largest block the
-caching allocator has free at that moment (benchmark mode), or the first of cuDNN's heuristic
-list whose workspace can be allocated. On an H100 (VGG19 batch 256 under 14.85 GiB) the
-capped step's backward convolutions took cuDNN's legacy zero-workspace engines, 54 ms where the
-profile measured 7.9 ms, and kept them, also solved 3% below the cap and with benchmark mode on
-in every step: not short of memory, so most likely short of a free block at the moment of the
-choice, where the plan's room lies beside what the allocator has cached. The profiler timed
-each kernel with its room free and nothing else (profiler.noworkspace); here each convolution
-of the plan is called once the same way, in the step's process, so that the algorithm the step
-finds cached is the one the profile timed.
+it at the shape's first call: in benchmark mode among the algorithms whose workspace fits the
+larger of the device's free memory and the largest block the caching allocator has free at that
+moment, else the first of cuDNN's heuristic list whose workspace can be allocated. A later call
+first tries the kept algorithm and, where its workspace cannot be allocated, chooses again.
+
+Inside a capped step the largest free block is small even where the plan leaves a convolution
+its whole workspace. On an H100 (VGG19 batch 256 under 14.85 GiB, benchmark mode) backward
+convolutions whose 801 MiB workspaces the plan reserved chose cuDNN's legacy zero-workspace
+engines at their first call in the step, 54 ms where the profile measured 7.95 ms; chosen with
+the device left exactly 801 MiB free beside their outputs they chose them too. So each
+convolution is first called with the device free, as the profile timed it (cuDNN keeps the
+profiled algorithm, whose workspace the plan reserves at the step's kernels where it reserves
+the whole workspace); where that algorithm took more workspace than the plan's room, it is
+called again with only the room free (profiler.noworkspace.leave_room, as the profile timed
+its rooms): the kept algorithm's workspace then cannot be allocated and cuDNN chooses within
+the room.
 """
 
 from __future__ import annotations
@@ -47,24 +53,27 @@ def algorithm_rooms(graph: Graph, plan: Plan) -> dict[str, tuple[Kernel, int]]:
 
 
 def choose_algorithms(graph: Graph, plan: Plan, device: torch.device) -> int:
-    """Call each convolution of `plan` once on scratch tensors with only its room free (see
-    the module docstring); returns how many were called. The scratch memory is given back."""
-    from ..profiler.harness import _quiet, prepare_call
+    """Call each convolution of `plan` on scratch tensors, first with the device free, then,
+    where the algorithm it chose took more workspace than the plan's room, again with only
+    that room free (see the module docstring); returns how many were called within their
+    room. The scratch memory is given back."""
+    from ..profiler.harness import _quiet, cuda_workspace, prepare_call
     from ..profiler.tiers import dram_alloc
 
     fast = dram_alloc("cuda")
-    done = 0
+    narrowed = 0
     for kernel, room in algorithm_rooms(graph, plan).values():
         call: Any = None
         filler: Any = None
         try:
             with _quiet():
                 call = prepare_call(kernel, frozenset(), fast, fast, device)
-                filler = leave_room(kernel, room, device)
-                call.fn()
-                torch.cuda.synchronize(device)
-            done += 1
+                if cuda_workspace(call.fn) > room:
+                    filler = leave_room(kernel, room, device)
+                    call.fn()
+                    torch.cuda.synchronize(device)
+                    narrowed += 1
         finally:
             call = filler = None  # noqa: F841
     torch.cuda.empty_cache()
-    return done
+    return narrowed
