@@ -26,8 +26,9 @@
 # COPY_SPANS: the comparison's --copy-spans (default 15: each async copy may run in pieces beside
 # up to 15 kernels; 0 keeps each beside one kernel).
 # CHOOSE_ALGORITHMS: set (CHOOSE_ALGORITHMS=1) to choose every convolution's cuDNN algorithm before
-# a plan's first step, within the room the plan leaves its workspace (--choose-algorithms; for the
-# comparison and kernel_times.py).
+# a plan's first step as the profile timed it: with the device free, and within the room the plan
+# leaves its workspace where that takes more (--choose-algorithms; for the comparison and
+# kernel_times.py; on an H100 VGG19's asynchronous step took 0.679 s with it, 0.720 s without).
 # AUTOTM_CAP_BY: fill to take from the device what the cap does not allow, beside the memory
 # fraction, so that cuDNN sees as free what the cap leaves (default fraction; the reports say which).
 # REFINE_SECONDS: the comparison's --refine-seconds (default 0: on the H200, refining ResNet152's

@@ -46,6 +46,7 @@ def test_run_a_saved_plan_and_refuse_another_graphs(cache: str, tmp_path) -> Non
     (("run", "vgg19", "--ratio", "1:4", "--steps", "0"), "--steps must be positive"),
     (("run", "vgg19", "--ratio", "1:4", "--max-retries", "-1"), "--max-retries must be 0 or more"),
     (("run", "vgg19", "--ratio", "1:4", "--copy-spans", "-1"), "--copy-spans must be 0 or more"),
+    (("run", "vgg19", "--ratio", "1:4", "--choose-algorithms"), "it needs --device cuda"),
 ])
 def test_run_bad_input(args, message) -> None:
     r = _run(*args)

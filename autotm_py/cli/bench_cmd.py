@@ -254,8 +254,9 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
               help="The asynchronous formulation's copies may run in pieces beside up to N kernels "
                    "each (see autotm optimize --help); 0: each beside one kernel.")
 @click.option("--choose-algorithms", is_flag=True,
-              help="Before each plan's first step, choose every convolution's cuDNN algorithm with only "
-                   "the room the plan leaves its workspace free, as the profile timed it.")
+              help="Before each plan's first step, choose every convolution's cuDNN algorithm as the "
+                   "profile timed it: with the device free, and again within the room the plan leaves "
+                   "its workspace where the first choice takes more.")
 @click.option("--arena", is_flag=True,
               help="Also run each formulation with the planned arena for its device memory: a step "
                    "recorded, laid out so that nothing live at once overlaps, and replayed within the "

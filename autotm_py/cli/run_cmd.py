@@ -33,14 +33,18 @@ from .optimize_cmd import _get_profile, _optimizer_errors
 @click.option("--copy-spans", type=int, default=0, show_default=True, metavar="N",
               help="When solving asynchronously: each copy may run in pieces beside up to N kernels "
                    "(see autotm optimize --help).")
+@click.option("--choose-algorithms", is_flag=True,
+              help="CUDA: before the first step, choose every convolution's cuDNN algorithm as the "
+                   "profile timed it (with the device free, and within the room the plan leaves its "
+                   "workspace where that choice takes more).")
 @click.option("--no-compare", is_flag=True, help="Skip timing the unplanned step.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
 @_optimizer_errors
 def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | None, dram: str | None,
             budget: str | None, formulation: str, steps: int, device: str, slow_tier: str | None,
-            cache: str | None, time_limit: float, max_retries: int, copy_spans: int, no_compare: bool,
-            as_json: bool) -> None:
+            cache: str | None, time_limit: float, max_retries: int, copy_spans: int, choose_algorithms: bool,
+            no_compare: bool, as_json: bool) -> None:
     """Run MODEL's training step with a plan: measured step time, predicted time, prediction
     error, peak memory per tier and bytes moved.
 
@@ -74,6 +78,8 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
         raise UserError(f"--max-retries must be 0 or more, got {max_retries}")
     if copy_spans < 0:
         raise UserError(f"--copy-spans must be 0 or more, got {copy_spans}")
+    if choose_algorithms and device != "cuda":
+        raise UserError("--choose-algorithms chooses cuDNN's convolution algorithms: it needs --device cuda")
     if budget is not None and device != "cuda":
         raise UserError("--budget is device memory for --device cuda; on the CPU give --dram or --ratio")
     check_device(device)
@@ -120,7 +126,8 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
     resolves = 0
     try:
         if plan is None:  # CUDA, solved here: fit the plan to the budget
-            fitted = _fit_cuda(solve, net, w.lr, inputs, target, steps, limit, len(graph.kernels), max_retries)
+            fitted = _fit_cuda(solve, net, w.lr, inputs, target, steps, limit, len(graph.kernels), max_retries,
+                               choose_algorithms)
             plan, step = fitted.plan, fitted.outcome.payload[0]
             if not fitted.fits:
                 raise UserError(f"the step did not fit the budget {human_bytes(limit)}: "
@@ -129,7 +136,7 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
             times, fast_peak, notes = fitted.outcome.payload[1], fitted.outcome.peak, fitted.summary()
             resolves = fitted.resolves
         else:
-            step = compile_plan(plan, net, lr=w.lr, slow_tier=slow_tier)
+            step = compile_plan(plan, net, lr=w.lr, slow_tier=slow_tier, choose_algorithms=choose_algorithms)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             times = time_steps(lambda: step(inputs, target), steps, dev)
@@ -177,13 +184,14 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
     console.print(t)
 
 
-def _fit_cuda(solve, net, lr: float, inputs, target, steps: int, budget: int, num_kernels: int, max_retries: int):
+def _fit_cuda(solve, net, lr: float, inputs, target, steps: int, budget: int, num_kernels: int, max_retries: int,
+              choose_algorithms: bool = False):
     """runtime.fit.fit_to_budget with the CUDA stages; each outcome's payload is (the compiled
     step, its step times)."""
     from ..runtime import compile as compile_plan
     from ..runtime.fit import BudgetError, cuda_stages, fit_to_budget, held_outside
 
-    run, trace = cuda_stages(lambda plan: compile_plan(plan, net, lr=lr), inputs, target, steps, budget)
+    run, trace = cuda_stages(lambda plan: compile_plan(plan, net, lr=lr, choose_algorithms=choose_algorithms), inputs, target, steps, budget)
     try:
         return fit_to_budget(solve, run, trace, budget, num_kernels, max_retries,
                              held=held_outside(net, None, (*inputs, target)))

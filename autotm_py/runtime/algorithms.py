@@ -7,11 +7,12 @@ larger of the device's free memory and the largest block the caching allocator h
 moment, else the first of cuDNN's heuristic list whose workspace can be allocated. A later call
 first tries the kept algorithm and, where its workspace cannot be allocated, chooses again.
 
-Inside a capped step the largest free block is small even where the plan leaves a convolution
-its whole workspace. On an H100 (VGG19 batch 256 under 14.85 GiB, benchmark mode) backward
-convolutions whose 801 MiB workspaces the plan reserved chose cuDNN's legacy zero-workspace
-engines at their first call in the step, 54 ms where the profile measured 7.95 ms; chosen with
-the device left exactly 801 MiB free beside their outputs they chose them too. So each
+On an H100 (VGG19 batch 256 under 14.85 GiB, benchmark mode) backward convolutions whose
+801 MiB workspaces the plan reserved chose cuDNN's legacy zero-workspace engines at their first
+call in the step, 54 ms where the profile measured 7.95 ms: most likely the largest free block
+was small there, the plan's room lying beside what the allocator had cached. Chosen before the
+step with the device left 801 MiB free beside their outputs, the step was slower still (0.846 s
+against 0.720 s), most likely the same engines again. So each
 convolution is first called with the device free, as the profile timed it (cuDNN keeps the
 profiled algorithm, whose workspace the plan reserves at the step's kernels where it reserves
 the whole workspace); where that algorithm took more workspace than the plan's room, it is

@@ -268,7 +268,8 @@ def compile(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     algorithms; later calls keep them. `passes`: fx passes (GraphModule -> GraphModule) run
     on the step once its moves are inserted, such as runtime.arena.bound_workspaces.
     `choose_algorithms`: on CUDA, before the first call, each convolution's cuDNN algorithm
-    is chosen with only the room the plan leaves its workspace free (runtime.algorithms)."""
+    is chosen with the device free and, where it takes more workspace than the plan leaves
+    it, again within that room (runtime.algorithms)."""
     return PlannedStep(plan, model, spec_from_optimizer(optimizer, lr, loss), optimizer, slow_tier,
                        search_steps, choose_algorithms, tuple(passes))
 
