@@ -123,12 +123,15 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _measure(step: Callable[[], Any], steps: int, device: torch.device,
-             cap: float | None, errors: list[str] | None = None) -> tuple[str, float, int, int]:
+             cap: float | None, errors: list[str] | None = None,
+             caught: list[int] | None = None) -> tuple[str, float, int, int]:
     """(status, median step seconds, peak bytes, allocator retries) of `step` under a memory
     fraction. A retry is the caching allocator freeing its cache to satisfy a request: a
     device-wide synchronization, the cost of fragmentation under a cap. The first line of an
     error that ended the run goes to `errors`, where given, with the step it ended (1 is the
-    first warm-up step)."""
+    first warm-up step). `caught`, where given, gets the out-of-memory errors the allocator
+    raised in a run that went on, warm-up included: a library caught them and fell back,
+    such as cuDNN to an algorithm with a smaller workspace, kept for the rest of the process."""
     ran = [0]
 
     def counted() -> Any:
@@ -136,6 +139,7 @@ def _measure(step: Callable[[], Any], steps: int, device: torch.device,
         return step()
 
     hold_device_memory(cap)
+    ooms = torch.cuda.memory_stats().get("num_ooms", 0)
     try:
         for _ in range(SEARCH_STEPS):  # warm-up: cuDNN's algorithm search under the cap retries by design
             counted()
@@ -143,7 +147,10 @@ def _measure(step: Callable[[], Any], steps: int, device: torch.device,
         before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         times = time_steps(counted, steps, device, warmup=0)
         peak = torch.cuda.max_memory_allocated()
-        return "ok", median(times), peak, torch.cuda.memory_stats().get("num_alloc_retries", 0) - before
+        stats = torch.cuda.memory_stats()
+        if caught is not None:
+            caught.append(stats.get("num_ooms", 0) - ooms)
+        return "ok", median(times), peak, stats.get("num_alloc_retries", 0) - before
     except Exception as exc:  # noqa: BLE001 - out-of-memory is a result here, not a crash
         if errors is not None:
             errors.append(f"step {ran[0]}: " + (str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__))
@@ -326,14 +333,18 @@ def autotm_run(graph: Any, prof: Any, model: nn.Module, lr: float, x: torch.Tens
         solve = time.perf_counter() - t0
         step = compile_plan(plan, model, lr=lr, choose_algorithms=runs.choose_algorithms)
         errors: list[str] = []
-        status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total, errors)
+        caught: list[int] = []
+        status, secs, peak, retries = _measure(lambda: step(x, y), steps, x.device, cap / total, errors, caught)
         attempts.append({"limit": lowest, "status": status, "peak": peak, "solve_seconds": solve,
                          "gap": plan.solver.gap, "solver_status": plan.solver.status,
                          "predicted_seconds": plan.predicted_seconds})
         if errors:
             attempts[-1]["error"] = errors[0]
+        if caught:
+            attempts[-1]["caught_ooms"] = caught[0]
+        fallbacks = f", {caught[0]} out-of-memory errors caught by libraries" if caught and caught[0] else ""
         log(f"  autotm {formulation} attempt {attempt}: limit {lowest / 2**30:.2f} GiB -> {status}, "
-            f"{secs:.3f} s, peak {peak / 2**30:.2f} GiB, {retries} allocator retries "
+            f"{secs:.3f} s, peak {peak / 2**30:.2f} GiB, {retries} allocator retries{fallbacks} "
             f"(solve {solve:.1f} s, gap {plan.solver.gap:.3%})")
         attempts[-1]["alloc_retries"] = retries
         if status == "ok" and peak <= cap:
