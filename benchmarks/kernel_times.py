@@ -113,7 +113,8 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
     lines += [f"    {n['seconds'] * 1e3:8.2f} ms  x{n['count']:<4} {n['name'][:110]}" for n in names[:args.top]]
     print("\n".join(lines), flush=True)
     return {"status": st, "step_seconds": secs, "predicted_seconds": plan.predicted_seconds,
-            "peak": pk, "alloc_retries": retries, "caught_ooms": caught[0] if caught else None, "allocator": allocator, "gpu_kernels": names[:40],
+            "peak": pk, "alloc_retries": retries, "caught_ooms": caught[0] if caught else None,
+            "allocator": allocator, "gpu_kernels": names[:40],
             "kernels": rows}
 
 

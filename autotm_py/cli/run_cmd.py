@@ -191,7 +191,8 @@ def _fit_cuda(solve, net, lr: float, inputs, target, steps: int, budget: int, nu
     from ..runtime import compile as compile_plan
     from ..runtime.fit import BudgetError, cuda_stages, fit_to_budget, held_outside
 
-    run, trace = cuda_stages(lambda plan: compile_plan(plan, net, lr=lr, choose_algorithms=choose_algorithms), inputs, target, steps, budget)
+    run, trace = cuda_stages(lambda plan: compile_plan(plan, net, lr=lr, choose_algorithms=choose_algorithms),
+                             inputs, target, steps, budget)
     try:
         return fit_to_budget(solve, run, trace, budget, num_kernels, max_retries,
                              held=held_outside(net, None, (*inputs, target)))
