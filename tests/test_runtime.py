@@ -337,3 +337,67 @@ def test_algorithm_rooms_are_the_smallest_room_the_plan_leaves_each_convolution_
     back = [k for k in convs if k.op != "aten.convolution.default"]
     assert back and all(rooms[signature_key(k)][1] == SLACK_BYTES for k in back)
     assert algorithm_rooms(g, dataclasses.replace(plan, workspace=None)) == {}
+
+
+def test_choose_algorithms_narrows_only_where_the_chosen_workspace_exceeds_the_room(monkeypatch):
+    """The decision of runtime.algorithms.choose_algorithms, with the CUDA calls stubbed: each
+    convolution shape is called once (the choice, device free), its workspace read from a
+    second call, and only where that exceeds the plan's room by more than SLACK_BYTES is it
+    called a third time, after the room has been left. Rooms: 50 MiB for the forward shape,
+    SLACK_BYTES for the backward ones; the forward algorithm takes 200 MiB, a backward one
+    SLACK_BYTES + 16 MiB (within the tolerance), the other 2 MiB."""
+    import dataclasses
+
+    import autotm_py.profiler.harness as harness
+    import autotm_py.profiler.tiers as tiers
+    import autotm_py.runtime.algorithms as algorithms
+    from autotm_py.optimizer.roofline import roofline_profile
+    from autotm_py.profiler.noworkspace import SLACK_BYTES
+    from autotm_py.profiler.profile import signature_key
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    g = capture(net, (torch.randn(2, 4, 8, 8),), torch.zeros(2, dtype=torch.long))
+    plan = optimize(g, roofline_profile(g), formulation="synchronous", limit_bytes=1 << 30)
+    convs = [k for k in g.kernels if k.op in algorithms.CONVOLUTIONS]
+    ws = [0] * len(g.kernels)
+    for k in convs:
+        if k.op == "aten.convolution.default":
+            ws[k.index] = 50 << 20
+    plan = dataclasses.replace(plan, workspace=tuple(ws))
+    rooms = algorithms.algorithm_rooms(g, plan)
+    fwd_sig = signature_key(next(k for k in convs if k.op == "aten.convolution.default"))
+    back_sigs = sorted(s for s in rooms if s != fwd_sig)
+    assert len(back_sigs) == 2
+    takes = {fwd_sig: 200 << 20, back_sigs[0]: SLACK_BYTES + (16 << 20), back_sigs[1]: 2 << 20}
+    events: list[tuple[str, str]] = []
+
+    class Call:
+        def __init__(self, sig: str) -> None:
+            self.sig = sig
+
+        def fn(self) -> None:
+            events.append(("call", self.sig))
+
+    def fake_workspace(fn):
+        fn()
+        events.append(("measured", fn.__self__.sig))
+        return takes[fn.__self__.sig]
+
+    def fake_leave_room(kernel, room, device):
+        events.append(("room", signature_key(kernel)))
+        assert room == rooms[signature_key(kernel)][1]
+        return object()
+
+    monkeypatch.setattr(harness, "prepare_call", lambda k, *a, **kw: Call(signature_key(k)))
+    monkeypatch.setattr(harness, "cuda_workspace", fake_workspace)
+    monkeypatch.setattr(tiers, "dram_alloc", lambda device: None)
+    monkeypatch.setattr(algorithms, "leave_room", fake_leave_room)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **kw: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    assert algorithms.choose_algorithms(g, plan, torch.device("cpu")) == 1
+    per_sig = {s: [e for e, t in events if t == s] for s in rooms}
+    assert per_sig[fwd_sig] == ["call", "call", "measured", "room", "call"]
+    assert per_sig[back_sigs[0]] == per_sig[back_sigs[1]] == ["call", "call", "measured"]
