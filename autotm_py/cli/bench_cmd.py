@@ -11,7 +11,8 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from .common import UserError, check_device, console, emit_json, parse_async_candidates, parse_size, user_errors
+from .common import (UserError, check_device, check_not_negative, choose_algorithms_option, console,
+                     copy_spans_option, emit_json, parse_async_candidates, parse_size, user_errors)
 
 FORMULATION_NAMES = ("static", "synchronous", "asynchronous", "numa", "2lm")
 DEFAULT_RESULTS = "bench-results"
@@ -250,13 +251,8 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 @click.option("--async-candidates", default="auto", show_default=True, metavar="auto|all|N",
               help="The asynchronous formulation's overlap candidates per interval (see autotm optimize "
                    "--help); more hide copies better on graphs of many short kernels and solve longer.")
-@click.option("--copy-spans", type=int, default=0, show_default=True, metavar="N",
-              help="The asynchronous formulation's copies may run in pieces beside up to N kernels "
-                   "each (see autotm optimize --help); 0: each beside one kernel.")
-@click.option("--choose-algorithms", is_flag=True,
-              help="Before each plan's first step, choose every convolution's cuDNN algorithm as the "
-                   "profile timed it: with the device free, and again within the room the plan leaves "
-                   "its workspace where the first choice takes more.")
+@copy_spans_option
+@choose_algorithms_option
 @click.option("--arena", is_flag=True,
               help="Also run each formulation with the planned arena for its device memory: a step "
                    "recorded, laid out so that nothing live at once overlaps, and replayed within the "
@@ -284,13 +280,10 @@ def gpu_cmd(cases: tuple[str, ...], steps: int, time_limit: float, formulations:
         raise UserError("the GPU comparison runs the ILP formulations only (static, synchronous, asynchronous)")
     if steps <= 0:
         raise UserError(f"--steps must be positive, got {steps}")
-    if retry_repairs < 0:
-        raise UserError(f"--retry-repairs must be 0 or more, got {retry_repairs}")
-    if refine_seconds < 0:
-        raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
+    check_not_negative("--retry-repairs", retry_repairs)
+    check_not_negative("--refine-seconds", refine_seconds)
     candidates = parse_async_candidates(async_candidates)
-    if copy_spans < 0:
-        raise UserError(f"--copy-spans must be 0 or more, got {copy_spans}")
+    check_not_negative("--copy-spans", copy_spans)
     if cap_by is not None:
         import os
 

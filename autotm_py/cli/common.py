@@ -133,6 +133,25 @@ def capture_workload(model: str, batch: int | None, device: str = "cpu", optimiz
                    device=device, name=w.name, batch=w.batch)
 
 
+def check_not_negative(option: str, value: float) -> None:
+    """One sentence for an option that must be 0 or more."""
+    if value < 0:
+        raise UserError(f"{option} must be 0 or more, got {value}")
+
+
+# the options `autotm run` and `autotm bench gpu` share with `autotm optimize` (whose --help
+# says more of --copy-spans)
+copy_spans_option = click.option(
+    "--copy-spans", type=int, default=0, show_default=True, metavar="N",
+    help="Asynchronous formulation: each copy may run in pieces beside up to N kernels (see autotm "
+         "optimize --help); 0: each beside one kernel.")
+choose_algorithms_option = click.option(
+    "--choose-algorithms", is_flag=True,
+    help="CUDA: before a plan's first step, choose every convolution's cuDNN algorithm as the profile "
+         "timed it: with the device free, and again within the room the plan leaves its workspace "
+         "where that choice takes more.")
+
+
 def parse_async_candidates(text: str) -> int | str | None:
     """An --async-candidates value: "auto", "all" (None: every candidate) or a whole number."""
     if text not in ("auto", "all") and not text.isdigit():

@@ -10,8 +10,8 @@ from typing import Any, Callable
 import click
 from rich.table import Table
 
-from .common import (UserError, capture_workload, check_device, console, emit_json, human_bytes, is_graph_file,
-                     load_graph_file, parse_async_candidates, parse_size, user_errors)
+from .common import (UserError, capture_workload, check_device, check_not_negative, console, emit_json, human_bytes,
+                     is_graph_file, load_graph_file, parse_async_candidates, parse_size, user_errors)
 
 CHOICES = ("static", "synchronous", "asynchronous", "numa", "2lm", "all")
 
@@ -154,11 +154,9 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
         raise UserError(f"--gap is a relative gap in [0, 1), got {gap}")
     if async_window < 0:
         raise UserError(f"--async-window must be >= 0, got {async_window}")
-    if refine_seconds < 0:
-        raise UserError(f"--refine-seconds must be 0 or more, got {refine_seconds}")
+    check_not_negative("--refine-seconds", refine_seconds)
     candidates = parse_async_candidates(async_candidates)
-    if copy_spans < 0:
-        raise UserError(f"--copy-spans must be 0 or more, got {copy_spans}")
+    check_not_negative("--copy-spans", copy_spans)
     if fingerprint is not None and estimate:
         raise UserError("--fingerprint takes another machine's profile from the cache; drop --estimate")
     if is_graph_file(model):

@@ -7,8 +7,8 @@ import copy
 import click
 from rich.table import Table
 
-from .common import UserError, capture_workload, check_device, console, emit_json, human_bytes, parse_size, \
-    resolve_workload, user_errors
+from .common import (UserError, capture_workload, check_device, check_not_negative, choose_algorithms_option,
+                     console, copy_spans_option, emit_json, human_bytes, parse_size, resolve_workload, user_errors)
 from .optimize_cmd import _get_profile, _optimizer_errors
 
 
@@ -30,13 +30,8 @@ from .optimize_cmd import _get_profile, _optimizer_errors
 @click.option("--max-retries", type=int, default=3, show_default=True, metavar="N",
               help="CUDA, when solving: re-solve up to N times with lower limits where the planned "
                    "step runs out of memory under the budget or its peak goes over it.")
-@click.option("--copy-spans", type=int, default=0, show_default=True, metavar="N",
-              help="When solving asynchronously: each copy may run in pieces beside up to N kernels "
-                   "(see autotm optimize --help).")
-@click.option("--choose-algorithms", is_flag=True,
-              help="CUDA: before the first step, choose every convolution's cuDNN algorithm as the "
-                   "profile timed it (with the device free, and within the room the plan leaves its "
-                   "workspace where that choice takes more).")
+@copy_spans_option
+@choose_algorithms_option
 @click.option("--no-compare", is_flag=True, help="Skip timing the unplanned step.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
@@ -74,10 +69,8 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
         raise UserError("give either --plan FILE or exactly one limit (--ratio, --dram or --budget)")
     if steps <= 0:
         raise UserError(f"--steps must be positive, got {steps}")
-    if max_retries < 0:
-        raise UserError(f"--max-retries must be 0 or more, got {max_retries}")
-    if copy_spans < 0:
-        raise UserError(f"--copy-spans must be 0 or more, got {copy_spans}")
+    check_not_negative("--max-retries", max_retries)
+    check_not_negative("--copy-spans", copy_spans)
     if choose_algorithms and device != "cuda":
         raise UserError("--choose-algorithms chooses cuDNN's convolution algorithms: it needs --device cuda")
     if budget is not None and device != "cuda":
