@@ -21,7 +21,7 @@ from ..runtime import compile as compile_plan
 from ..optimizer.limits import plan_workspace
 from ..runtime.arena import Arena, bound_workspaces, install_cuda_arena, layout_repair
 from ..runtime.step import SEARCH_STEPS, median, time_steps
-from .peers import MethodResult, stream_breakdown
+from .peers import MethodResult, PlanRuns, stream_breakdown
 
 METHOD_SUFFIX = " (planned arena)"
 # a recording that had more than the cap live at once: the plan's count fell short by an
@@ -40,10 +40,12 @@ def _arena_step(arena: Arena, step: Callable[[], Any]) -> Callable[[], Any]:
 
 def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module, lr: float, x: torch.Tensor,
                      y: torch.Tensor, formulation: str, cap: int, steps: int, time_limit: float,
-                     max_retries: int = 3, log: Callable[[str], None] = print) -> MethodResult:
-    """Solve at `cap`, record a step (the last of the cuDNN search steps) with at most `cap`
-    bytes live, lay it out, repair while the layout reaches past the cap, then time `steps`
-    steps that replay the layout within the cap."""
+                     max_retries: int = 3, runs: PlanRuns = PlanRuns(),
+                     log: Callable[[str], None] = print) -> MethodResult:
+    """Solve at `cap` (the asynchronous formulation with `runs`' candidates and copy spans),
+    record a step (the last of the cuDNN search steps) with at most `cap` bytes live, lay it
+    out, repair while the layout reaches past the cap, then time `steps` steps that replay the
+    layout within the cap."""
     method = f"autotm {formulation}{METHOD_SUFFIX}"
     limits: Any = cap
     attempts: list[dict[str, Any]] = []
@@ -51,7 +53,8 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
     for attempt in range(max_retries + 1):
         lowest = int(np.min(limits))
         try:
-            plan = optimize(graph, prof, formulation=formulation, limit_bytes=limits, time_limit=time_limit)
+            plan = optimize(graph, prof, formulation=formulation, limit_bytes=limits, time_limit=time_limit,
+                            async_candidates=runs.async_candidates, copy_spans=runs.copy_spans)
         except Infeasible as exc:
             attempts.append({"limit": lowest, "status": "infeasible", "reason": str(exc)})
             break
@@ -125,7 +128,7 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
 
 
 def arena_child(name: str, batch: int, formulation: str, cap: int, steps: int, time_limit: float,
-                cache: str | None, cudnn_benchmark: bool) -> MethodResult:
+                cache: str | None, cudnn_benchmark: bool, runs: PlanRuns = PlanRuns()) -> MethodResult:
     """arena_autotm_run in this (fresh) process: the arena first, then the workload."""
     arena = install_cuda_arena(limit=cap)
     from ..profiler import profile
@@ -139,11 +142,11 @@ def arena_child(name: str, batch: int, formulation: str, cap: int, steps: int, t
         return MethodResult(f"autotm {formulation}{METHOD_SUFFIX}", "failed: the kernel cache lacked kernels "
                             "of this workload; profile it first without the arena", math.nan)
     return arena_autotm_run(arena, graph, prof, model, entry.lr, x, y, formulation, cap, steps, time_limit,
-                            log=lambda m: print(m, flush=True))
+                            runs=runs, log=lambda m: print(m, flush=True))
 
 
 def isolated_arena_run(name: str, batch: int, formulation: str, cap: int, steps: int, time_limit: float,
-                       cache: Any, cudnn_benchmark: bool) -> MethodResult:
+                       cache: Any, cudnn_benchmark: bool, runs: PlanRuns = PlanRuns()) -> MethodResult:
     """arena_child in a fresh process (the arena must be the process's first use of CUDA)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -151,7 +154,7 @@ def isolated_arena_run(name: str, batch: int, formulation: str, cap: int, steps:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             return pool.submit(arena_child, name, batch, formulation, cap, steps, time_limit,
-                               None if cache is None else str(cache), cudnn_benchmark).result()
+                               None if cache is None else str(cache), cudnn_benchmark, runs).result()
         except Exception as exc:  # noqa: BLE001 - the comparison's other methods stand without it
             return MethodResult(f"autotm {formulation}{METHOD_SUFFIX}",
                                 f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")

@@ -547,7 +547,7 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
             from .arena import isolated_arena_run
 
             methods.append(isolated_arena_run(name, batch, form, cap, steps, time_limit, cache,
-                                              torch.backends.cudnn.benchmark))
+                                              torch.backends.cudnn.benchmark, runs))
             log(f"  {methods[-1].method}: {methods[-1].status}, {methods[-1].step_seconds:.3f} s, "
                 f"predicted {methods[-1].predicted_seconds:.3f} s, footprint {methods[-1].peak_bytes / 2**30:.2f} GiB")
     for peer in peers:
