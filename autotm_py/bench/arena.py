@@ -42,10 +42,11 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
                      y: torch.Tensor, formulation: str, cap: int, steps: int, time_limit: float,
                      max_retries: int = 3, runs: PlanRuns = PlanRuns(),
                      log: Callable[[str], None] = print) -> MethodResult:
-    """Solve at `cap` (the asynchronous formulation with `runs`' candidates and copy spans),
-    record a step (the last of the cuDNN search steps) with at most `cap` bytes live, lay it
-    out, repair while the layout reaches past the cap, then time `steps` steps that replay the
-    layout within the cap."""
+    """Solve at `cap`, record a step (the last of the cuDNN search steps) with at most `cap`
+    bytes live, lay it out, repair while the layout reaches past the cap, then time `steps`
+    steps that replay the layout within the cap. Of `runs`, the asynchronous formulation's
+    `async_candidates` and `copy_spans` apply; the arena bounds workspaces itself, so
+    `choose_algorithms` does not."""
     method = f"autotm {formulation}{METHOD_SUFFIX}"
     limits: Any = cap
     attempts: list[dict[str, Any]] = []
