@@ -96,7 +96,7 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
     for r in worst:
         r["isolated"], r["isolated_launches"] = isolated_seconds(graph.kernels[r["kernel"]])
     lines = [f"  {label}: step {secs:.3f} s (predicted {plan.predicted_seconds:.3f} s), peak {pk / 2**30:.2f} GiB, "
-             f"allocator retries {retries}, out-of-memory errors caught by libraries {caught[0] if caught else '-'}; "
+             f"allocator retries {retries}, out-of-memory errors caught by libraries {caught[0]}; "
              f"kernels measured {got.sum():.3f} s (GPU busy in them "
              f"{sum(r['gpu_busy'] for r in rows):.3f} s), predicted {pred.sum():.3f} s; "
              f"workspaces reserved whole at {sum(int(w) == c.workspace > 0 for w, c in zip(ws, measured.kernels))} "
@@ -113,7 +113,7 @@ def run_plan(args: argparse.Namespace, label: str) -> dict:
     lines += [f"    {n['seconds'] * 1e3:8.2f} ms  x{n['count']:<4} {n['name'][:110]}" for n in names[:args.top]]
     print("\n".join(lines), flush=True)
     return {"status": st, "step_seconds": secs, "predicted_seconds": plan.predicted_seconds,
-            "peak": pk, "alloc_retries": retries, "caught_ooms": caught[0] if caught else None,
+            "peak": pk, "alloc_retries": retries, "caught_ooms": caught[0],
             "allocator": allocator, "gpu_kernels": names[:40],
             "kernels": rows}
 
