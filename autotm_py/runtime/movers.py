@@ -78,6 +78,10 @@ class SlowArena:
     def reset(self) -> None:
         self._used = 0
 
+    def contains(self, storage: torch.UntypedStorage) -> bool:
+        lo = self._block.data_ptr()
+        return lo <= storage.data_ptr() < lo + self._block.numel()
+
     def close(self) -> None:
         self._block = torch.empty(0, dtype=torch.uint8)
         self._stack.close()
@@ -96,6 +100,14 @@ class Mover(nn.Module):
 
     def begin_step(self) -> None:
         self.stats.reset()
+
+    def holds_fast(self, storage: torch.UntypedStorage) -> bool:
+        """Whether `storage` lies in fast memory (for counting what a step holds there)."""
+        raise NotImplementedError
+
+    def in_flight(self) -> list[torch.Tensor]:
+        """Tensors kept referenced between an asynchronous copy's start and its wait."""
+        return []
 
     def _count(self, nbytes: int, to: str, planned: bool, asynchronous: bool = False) -> None:
         self.stats.copies += 1
@@ -123,6 +135,9 @@ class CpuMover(Mover):
     def begin_step(self) -> None:
         super().begin_step()
         self.arena.reset()
+
+    def holds_fast(self, storage: torch.UntypedStorage) -> bool:
+        return not self.arena.contains(storage)
 
     def copy(self, src: torch.Tensor, to: str, planned: bool = True, original: bool = False) -> torch.Tensor:
         data = _bytes(src, original)
@@ -227,6 +242,12 @@ class CudaMover(Mover):
         if p is not None:
             torch.cuda.current_stream(self.device).wait_event(p.done)
         return handle
+
+    def holds_fast(self, storage: torch.UntypedStorage) -> bool:
+        return storage.device.type == "cuda"
+
+    def in_flight(self) -> list[torch.Tensor]:
+        return [t for p in self._pending.values() for t in (p.src, p.dst)]
 
     def begin_step(self) -> None:
         super().begin_step()

@@ -17,7 +17,7 @@ class RunReport:
     step_seconds: float  # median over the timed steps
     predicted_seconds: float
     unplanned_seconds: float | None  # the same step with every tensor in fast memory
-    fast_peak_bytes: int | None  # measured (CUDA: max_memory_allocated); None where not measurable
+    fast_peak_bytes: int | None  # measured: CUDA max_memory_allocated, CPU the live tensors outside the slow arena
     fast_peak_predicted: int
     slow_peak_bytes: int  # slow-tier bytes held at once (CPU arena / pinned copies made)
     bytes_to_fast: int

@@ -194,6 +194,21 @@ class PlannedStep:
         as it runs, as the memory trace does); otherwise like calling the step."""
         return self._run(inputs, target, lambda flat: make(self._module).run(*flat))
 
+    def run_probing_fast(self, inputs: Sequence[torch.Tensor] | torch.Tensor,
+                         target: torch.Tensor | None) -> tuple[torch.Tensor, dict[int, int]]:
+        """Run one training step (it updates the parameters, as a call does) through
+        FastBytesProbe; returns the loss and, per kernel index, the fast-memory bytes the
+        step's tensors held while that kernel ran."""
+        box: list[FastBytesProbe] = []
+
+        def make(gm: Any) -> FastBytesProbe:
+            assert self._mover is not None
+            box.append(FastBytesProbe(gm, self._mover))
+            return box[0]
+
+        loss = self.run_interpreted(inputs, target, make)
+        return loss, box[0].at_kernel
+
     @property
     def move_stats(self):
         return self._mover.stats if self._mover is not None else None
@@ -209,13 +224,54 @@ class StepInterpreter(fx.Interpreter):
     where fx.Interpreter keeps it to the end of the run. A rewritten step has many (a view
     of a storage whose readers now read another version): kept, each holds its whole storage,
     and a probe measures memory the step never holds (on CPU, up to 46 MiB more than the plan
-    of ResNet-50 batch 2 at half its peak, where the generated code holds exactly the plan)."""
+    of ResNet-50 batch 2 at half its peak, where the generated code holds exactly the plan).
+    `free_unused=False` keeps fx.Interpreter's behaviour (to show the difference)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, free_unused: bool = True) -> None:
         super().__init__(gm)
+        if not free_unused:
+            return
         for n in self.graph.nodes:
             if not n.users and n.op not in ("placeholder", "output"):
                 self.user_to_last_uses.setdefault(n, []).append(n)
+
+
+class FastBytesProbe(StepInterpreter):
+    """Runs a rewritten step node by node and records, at each kernel, the bytes of the
+    distinct fast-memory storages alive: the kernel's arguments and results, every other
+    value the step still holds, the step's own arguments (parameters, optimizer state,
+    inputs) and both ends of copies in flight. That is what a plan's `fast_bytes` counts,
+    read off the tensors themselves: on CPU no allocator tells the fast tier's bytes apart."""
+
+    def __init__(self, gm: fx.GraphModule, mover: Mover, free_unused: bool = True) -> None:
+        super().__init__(gm, free_unused)
+        self.mover = mover
+        self.at_kernel: dict[int, int] = {}  # kernel index -> fast bytes live while it ran
+        self._args: tuple = ()
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self._args = args
+        return super().run(*args, **kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        k = n.meta.get("autotm_kernel") if n.op == "call_function" else None
+        if k is not None:
+            self.at_kernel[k] = max(self.at_kernel.get(k, 0), self._live(out))
+        return out
+
+    def _live(self, out: Any) -> int:
+        seen: dict[int, int] = {}
+        todo = [list(self.env.values()), out, self._args, self.mover.in_flight()]
+        while todo:
+            v = todo.pop()
+            if isinstance(v, torch.Tensor):
+                st = v.untyped_storage()
+                if st.nbytes() and self.mover.holds_fast(st):
+                    seen[st.data_ptr()] = st.nbytes()
+            elif isinstance(v, (list, tuple)):
+                todo.extend(v)
+        return sum(seen.values())
 
 
 def run_with_probe(step: PlannedStep, inputs: Sequence[torch.Tensor] | torch.Tensor,
