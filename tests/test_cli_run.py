@@ -25,6 +25,10 @@ def test_run_solves_runs_and_reports(cache: str) -> None:
     assert rep["formulation"] == "synchronous" and rep["steps"] == 2 and rep["limit_bytes"] == 700
     assert rep["step_seconds"] > 0 and rep["predicted_seconds"] > 0
     assert rep["fast_peak_predicted"] <= 700
+    # measured from the live tensors: the plan's bytes, plus any output made in fast memory
+    # on its way to the slow tier (costs profiled here decide whether the plan has one)
+    assert rep["fast_peak_bytes"] >= rep["fast_peak_predicted"] > 0
+    assert (rep["fast_peak_bytes"] > 700) == ("over the plan's budget" in rep["notes"])
     assert rep["resolves"] == 0  # only a CUDA budget is fitted by re-solving
 
 

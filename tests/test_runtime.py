@@ -231,8 +231,6 @@ def test_rewritten_cuda_plan_holds_what_the_plan_counts(name: str, batch: int, s
     keeps values nothing uses (views of storages that moved) and sees more."""
     import dataclasses
 
-    from torch import fx
-
     from autotm_py.graph.capture import StepSpec, initial_state, step_arguments
     from autotm_py.profiler.tiers import open_slow_tier
     from autotm_py.runtime.rewrite import insert_moves
