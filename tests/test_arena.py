@@ -324,3 +324,43 @@ def test_installing_without_a_cuda_driver_says_so() -> None:
         pytest.skip("this machine has a CUDA driver: installing would replace this process's allocator")
     with pytest.raises(ArenaError, match="CUDA driver"):
         install_cuda_arena(1 << 20)
+
+
+def test_layouts_are_retried_at_each_attempts_lowered_limits_and_reported_whole() -> None:
+    """retry_layouts solves first at the cap, then at the limits the previous attempt's
+    layout repair gave, until one fits, one has nothing to lower or the retries run out; the
+    report's row is the fitted attempt's with every attempt's record."""
+    from autotm_py.bench.arena import ArenaAttempt, arena_result, retry_layouts
+    from autotm_py.bench.peers import MethodResult
+
+    cap = 1000
+    seen: list = []
+
+    def scripted(outcomes):
+        def attempt(limits):
+            seen.append(np.array(limits).tolist())
+            n = len(seen) - 1
+            kind = outcomes[n]
+            record = {"limit": int(np.min(limits)), "status": "ok" if kind == "fit" else "layout over the cap"}
+            if kind == "fit":
+                return ArenaAttempt(record, MethodResult("autotm asynchronous (planned arena)", "ok", 0.5, 990, 0.45,
+                                                         "", {"live_peak": 980}))
+            if kind == "fixed":
+                return ArenaAttempt(record)
+            return ArenaAttempt(record, next_limits=np.array([900 - 100 * n, 950 - 100 * n]))
+        return attempt
+
+    row = arena_result("asynchronous", retry_layouts(scripted(["over", "over", "fit"]), cap, max_retries=3))
+    assert seen == [1000, [900, 950], [800, 850]]
+    assert (row.status, row.step_seconds, row.notes) == ("ok", 0.5, "2 re-solve(s)")
+    assert [a["limit"] for a in row.extra["attempts"]] == [1000, 900, 800] and row.extra["live_peak"] == 980
+
+    seen.clear()
+    row = arena_result("asynchronous", retry_layouts(scripted(["over", "over", "fit"]), cap, max_retries=1))
+    assert seen == [1000, [900, 950]]
+    assert row.status == "layout over the cap" and row.notes == "1 re-solve(s) did not fit"
+    assert np.isnan(row.step_seconds)
+
+    seen.clear()
+    row = arena_result("asynchronous", retry_layouts(scripted(["fixed", "fit"]), cap, max_retries=3))
+    assert seen == [1000] and row.notes == "" and len(row.extra["attempts"]) == 1
