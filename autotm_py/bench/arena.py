@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -64,12 +65,14 @@ def _per_kernel(graph: Any, limits: Any) -> np.ndarray:
 
 def arena_attempt(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module, lr: float, x: torch.Tensor,
                   y: torch.Tensor, formulation: str, cap: int, limits: Any, steps: int, time_limit: float,
-                  runs: PlanRuns = PlanRuns(), log: Callable[[str], None] = print) -> ArenaAttempt:
+                  runs: PlanRuns = PlanRuns(), log: Callable[[str], None] = print,
+                  keep_recording: Path | None = None) -> ArenaAttempt:
     """Solve at `limits` (bytes, or bytes per kernel), record a step (the last of the cuDNN
     search steps) with at most `cap` bytes live, lay it out and, where the layout fits within
     `cap`, time `steps` steps that replay it. Of `runs`, the asynchronous formulation's
     `async_candidates` and `copy_spans` apply; the arena bounds workspaces itself, so
-    `choose_algorithms` does not."""
+    `choose_algorithms` does not. `keep_recording`: an .npz file for the recorded step's log
+    and the blocks live when it began (runtime.arena.layout_from_log lays them out again)."""
     method = f"autotm {formulation}{METHOD_SUFFIX}"
     lowest = int(np.min(limits))
     try:
@@ -94,6 +97,10 @@ def arena_attempt(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module, l
                             next_limits=np.floor(_per_kernel(graph, limits) * (1 - OUT_OF_MEMORY_CUT)).astype(np.int64))
     layout = arena.layout()
     rec = arena.stats()
+    if keep_recording is not None:
+        keep_recording.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(keep_recording, events=arena.events(), live_at_start=arena.live_at_start(),
+                            cap=cap, limits=np.asarray(limits, dtype=np.int64))
     fixed = layout.fixed_top > cap
     record = {"limit": lowest, "status": "ok" if layout.top <= cap else
               "blocks from before the step over the cap" if fixed else "layout over the cap",
@@ -171,7 +178,8 @@ def arena_autotm_run(arena: Arena, graph: Any, prof: Any, model: torch.nn.Module
 
 
 def arena_child(name: str, batch: int, formulation: str, cap: int, limits: Any, steps: int, time_limit: float,
-                cache: str | None, cudnn_benchmark: bool, runs: PlanRuns = PlanRuns()) -> ArenaAttempt:
+                cache: str | None, cudnn_benchmark: bool, runs: PlanRuns = PlanRuns(),
+                keep_recording: Path | None = None) -> ArenaAttempt:
     """arena_attempt in this (fresh) process: the arena first, then the workload."""
     arena = install_cuda_arena(limit=cap)
     from ..profiler import profile
@@ -185,22 +193,25 @@ def arena_child(name: str, batch: int, formulation: str, cap: int, limits: Any, 
         return ArenaAttempt({"limit": int(np.min(limits)), "status": "failed: the kernel cache lacked kernels "
                              "of this workload; profile it first without the arena"})
     return arena_attempt(arena, graph, prof, model, entry.lr, x, y, formulation, cap, limits, steps, time_limit,
-                         runs=runs, log=lambda m: print(m, flush=True))
+                         runs=runs, log=lambda m: print(m, flush=True), keep_recording=keep_recording)
 
 
 def isolated_arena_run(name: str, batch: int, formulation: str, cap: int, steps: int, time_limit: float,
                        cache: Any, cudnn_benchmark: bool, runs: PlanRuns = PlanRuns(),
-                       max_retries: int = 3) -> MethodResult:
+                       max_retries: int = 3, recordings: Path | None = None) -> MethodResult:
     """arena_child for each attempt, each in a fresh process (the arena must be the process's
-    first use of CUDA, and a re-solved plan must not inherit the first plan's algorithms)."""
+    first use of CUDA, and a re-solved plan must not inherit the first plan's algorithms).
+    `recordings`: a folder for each attempt's recorded step (arena_attempt's keep_recording)."""
+    tries = iter(range(max_retries + 1))
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     def attempt(limits: Any) -> ArenaAttempt:
+        keep = None if recordings is None else recordings / f"{name}_{batch}_{formulation}_attempt{next(tries)}.npz"
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
                 return pool.submit(arena_child, name, batch, formulation, cap, limits, steps, time_limit,
-                                   None if cache is None else str(cache), cudnn_benchmark, runs).result()
+                                   None if cache is None else str(cache), cudnn_benchmark, runs, keep).result()
             except Exception as exc:  # noqa: BLE001 - the comparison's other methods stand without it
                 detail = str(exc).splitlines()[0][:200] if str(exc) else ""
                 return ArenaAttempt({"limit": int(np.min(limits)), "status": f"failed: {type(exc).__name__}: {detail}"})

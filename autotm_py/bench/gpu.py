@@ -63,7 +63,8 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
             cache: str | None = None, runs: Any = None, arena: bool = False,
             log: Callable[[str], None] = print) -> Path:
     """Run every case (peers.run_case, its plans run as `runs`, a peers.PlanRuns; None: the
-    default) and write the report after each one."""
+    default) and write the report after each one; with `arena`, the planned arena's recorded
+    steps go to `folder`/arena_recordings."""
     import os
 
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
@@ -81,7 +82,7 @@ def run_gpu(cases: list[GpuCase], folder: Path, *, steps: int = 5, time_limit: f
     for c in cases:
         results.append(run_case(c.model, c.batch, c.cap_fraction, cap_bytes=c.cap_bytes, steps=steps, time_limit=time_limit,
                                 formulations=formulations, cache=cache, runs=runs,
-                                arena=arena, log=log))
+                                arena=arena, arena_recordings=folder / "arena_recordings" if arena else None, log=log))
         report = {"kind": GPU_KIND, "schema": GPU_SCHEMA, "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "cudnn_benchmark": cudnn_benchmark,
                   "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cap_by": cap_by(),

@@ -499,12 +499,12 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
              steps: int = 5, time_limit: float = 120.0,
              formulations: tuple[str, ...] = ("asynchronous", "synchronous"),
              peers: tuple[str, ...] = ("save_on_cpu", "checkpoint"), cache: Any = None,
-             runs: PlanRuns = PlanRuns(), arena: bool = False,
+             runs: PlanRuns = PlanRuns(), arena: bool = False, arena_recordings: Any = None,
              log: Callable[[str], None] = print) -> CaseResult:
     """One row of the comparison (the model is built once and shared by every method), under
     `cap_bytes` of device memory or, without it, `cap_fraction` of the unconstrained peak.
     With `arena`, each formulation also runs with the planned arena (bench.arena) for its
-    device memory."""
+    device memory, its recorded steps kept in the folder `arena_recordings` (None: not kept)."""
     from ..profiler import profile
 
     device = torch.device("cuda")
@@ -547,7 +547,7 @@ def run_case(name: str, batch: int, cap_fraction: float | None, *, cap_bytes: in
             from .arena import isolated_arena_run
 
             methods.append(isolated_arena_run(name, batch, form, cap, steps, time_limit, cache,
-                                              torch.backends.cudnn.benchmark, runs))
+                                              torch.backends.cudnn.benchmark, runs, recordings=arena_recordings))
             log(f"  {methods[-1].method}: {methods[-1].status}, {methods[-1].step_seconds:.3f} s, "
                 f"predicted {methods[-1].predicted_seconds:.3f} s, footprint {methods[-1].peak_bytes / 2**30:.2f} GiB")
     for peer in peers:

@@ -256,7 +256,8 @@ def large_cmd(models: str | None, limit: str, formulations: str | None, **kw: An
 @click.option("--arena", is_flag=True,
               help="Also run each formulation with the planned arena for its device memory: a step "
                    "recorded, laid out so that nothing live at once overlaps, and replayed within the "
-                   "cap (no allocator fragmentation; needs a C++ compiler).")
+                   "cap (no allocator fragmentation; needs a C++ compiler). Each recorded step is kept in "
+                   "RESULTS/gpu/arena_recordings.")
 @click.option("--cap-by", type=click.Choice(["fraction", "fill"]), default=None,
               help="How every method is held to the cap: PyTorch's per-process memory fraction "
                    "(as the reference measurements), or that and the rest of the device taken, so "

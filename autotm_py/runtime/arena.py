@@ -333,6 +333,10 @@ class Arena:
         """The step's log so far (a copy): rows of kind, serial, index, size, offset."""
         return self._log[:self.lib.autotm_arena_stat(5)].copy()
 
+    def live_at_start(self) -> np.ndarray:
+        """The blocks live when the step began (a copy; BLOCK rows)."""
+        return self._live_at_start.copy()
+
     def layout(self) -> Layout:
         """A layout for the step just logged (layout_from_log)."""
         if self.lib.autotm_arena_stat(7):
