@@ -17,7 +17,6 @@ and its step had 14.74 GB live at once for the 13.19 GB its plan counted.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -202,12 +201,12 @@ def isolated_arena_run(name: str, batch: int, formulation: str, cap: int, steps:
     """arena_child for each attempt, each in a fresh process (the arena must be the process's
     first use of CUDA, and a re-solved plan must not inherit the first plan's algorithms).
     `recordings`: a folder for each attempt's recorded step (arena_attempt's keep_recording)."""
-    tries = iter(range(max_retries + 1))
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     def attempt(limits: Any) -> ArenaAttempt:
-        keep = None if recordings is None else recordings / f"{name}_{batch}_{formulation}_attempt{next(tries)}.npz"
+        # each attempt solves lower than the one before: its lowest limit names it
+        keep = None if recordings is None else recordings / f"{name}_{batch}_{formulation}_{int(np.min(limits))}.npz"
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
                 return pool.submit(arena_child, name, batch, formulation, cap, limits, steps, time_limit,
