@@ -21,7 +21,10 @@
    PyTorch's out-of-memory error instead (cuDNN catches it and takes an algorithm with a
    smaller workspace, as under the caching allocator).
 
-   Not thread-safe: the caller runs its steps from one thread. */
+   Every entry point takes one lock: PyTorch calls the allocator from whichever thread frees a
+   tensor (autograd's device threads among them), and its pluggable allocator does not
+   serialize those calls. */
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -47,6 +50,7 @@ static int64_t logcap_, nlog_;
 static int64_t serial_, index_, cursor_;
 static int64_t inuse_, peak_inuse_, top_, unplanned_, failures_, lost_, foreign_;
 static int64_t room_ = INT64_MAX;  /* the most a workspace query is told (autotm_arena_set_room) */
+static pthread_mutex_t lock_ = PTHREAD_MUTEX_INITIALIZER;
 
 static int64_t round_up(int64_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
@@ -94,8 +98,7 @@ static int64_t highest_fit(int64_t n) {
     return hi >= n ? hi - n : -1;
 }
 
-/* 0, or -1 where the bookkeeping cannot be had */
-int autotm_arena_attach(int64_t base, int64_t cap, int64_t maxlive, int64_t logcap) {
+static int attach(int64_t base, int64_t cap, int64_t maxlive, int64_t logcap) {
     free(live_); free(log_); free(psize_); free(poff_);
     live_ = (Block *)malloc(sizeof(Block) * (size_t)maxlive);
     log_ = (int64_t *)malloc(sizeof(int64_t) * 5 * (size_t)logcap);
@@ -110,23 +113,37 @@ int autotm_arena_attach(int64_t base, int64_t cap, int64_t maxlive, int64_t logc
     return 0;
 }
 
-void autotm_arena_set_limit(int64_t limit) { limit_ = limit < cap_ ? limit : cap_; }
+void autotm_arena_set_limit(int64_t limit) {
+    pthread_mutex_lock(&lock_);
+    limit_ = limit < cap_ ? limit : cap_;
+    pthread_mutex_unlock(&lock_);
+}
 
-void autotm_arena_set_span(int64_t span) { span_ = span < cap_ ? span / ALIGN * ALIGN : cap_; }
+void autotm_arena_set_span(int64_t span) {
+    pthread_mutex_lock(&lock_);
+    span_ = span < cap_ ? span / ALIGN * ALIGN : cap_;
+    pthread_mutex_unlock(&lock_);
+}
 
 /* What a query for the largest free block answers from now on: the bytes the limit still
    allows, at most `room` (a negative room: no bound). cuDNN asks before it picks a
    convolution's algorithm; a plan bounds it by the workspace it left room for. */
-void autotm_arena_set_room(int64_t room) { room_ = room < 0 ? INT64_MAX : room; }
-
-int64_t autotm_arena_largest(void) {
-    int64_t free_ = limit_ - inuse_;
-    if (free_ < 0) free_ = 0;
-    return free_ < room_ ? free_ : room_;
+void autotm_arena_set_room(int64_t room) {
+    pthread_mutex_lock(&lock_);
+    room_ = room < 0 ? INT64_MAX : room;
+    pthread_mutex_unlock(&lock_);
 }
 
-/* a copy of the plan (n = 0: none); 0, or -1 where it cannot be had */
-int autotm_arena_set_plan(const int64_t *sizes, const int64_t *offs, int64_t n) {
+int64_t autotm_arena_largest(void) {
+    pthread_mutex_lock(&lock_);
+    int64_t free_ = limit_ - inuse_;
+    if (free_ < 0) free_ = 0;
+    int64_t answer = free_ < room_ ? free_ : room_;
+    pthread_mutex_unlock(&lock_);
+    return answer;
+}
+
+static int set_plan(const int64_t *sizes, const int64_t *offs, int64_t n) {
     free(psize_); free(poff_);
     psize_ = poff_ = 0; nplan_ = 0;
     if (n <= 0) return 0;
@@ -144,13 +161,15 @@ const int64_t *autotm_arena_log(void) { return log_; }
 
 /* A step begins: allocations count from 0 again, the log and the step's counters restart. */
 void autotm_arena_begin_step(void) {
+    pthread_mutex_lock(&lock_);
     index_ = cursor_ = 0; nlog_ = 0; lost_ = 0;
     unplanned_ = failures_ = 0;
     peak_inuse_ = inuse_;
     top_ = nlive_ ? live_[nlive_ - 1].off + live_[nlive_ - 1].size : 0;
+    pthread_mutex_unlock(&lock_);
 }
 
-int64_t autotm_arena_stat(int what) {
+static int64_t read_stat(int what) {
     switch (what) {
         case 0: return inuse_;
         case 1: return peak_inuse_;
@@ -165,8 +184,7 @@ int64_t autotm_arena_stat(int what) {
     }
 }
 
-void *autotm_try_alloc(size_t size, int device, void *stream) {
-    (void)device; (void)stream;
+static void *try_alloc(size_t size) {
     int64_t n = round_up(size ? (int64_t)size : 1);
     int64_t index = index_++;
     int64_t off = -1, match = -1;
@@ -201,8 +219,7 @@ void *autotm_try_alloc(size_t size, int device, void *stream) {
     return (void *)(intptr_t)(base_ + off);
 }
 
-void autotm_free(void *ptr, size_t size, int device, void *stream) {
-    (void)size; (void)device; (void)stream;
+static void free_block(void *ptr) {
     int64_t off = (int64_t)(intptr_t)ptr - base_;
     int64_t i = lower_bound(off);
     if (i >= nlive_ || live_[i].off != off) { foreign_++; return; }
@@ -211,6 +228,44 @@ void autotm_free(void *ptr, size_t size, int device, void *stream) {
     nlive_--;
     inuse_ -= b.size;
     event(EV_FREE, b.serial, -1, b.size, b.off);
+}
+
+/* 0, or -1 where the bookkeeping cannot be had */
+int autotm_arena_attach(int64_t base, int64_t cap, int64_t maxlive, int64_t logcap) {
+    pthread_mutex_lock(&lock_);
+    int r = attach(base, cap, maxlive, logcap);
+    pthread_mutex_unlock(&lock_);
+    return r;
+}
+
+/* a copy of the plan (n = 0: none); 0, or -1 where it cannot be had */
+int autotm_arena_set_plan(const int64_t *sizes, const int64_t *offs, int64_t n) {
+    pthread_mutex_lock(&lock_);
+    int r = set_plan(sizes, offs, n);
+    pthread_mutex_unlock(&lock_);
+    return r;
+}
+
+int64_t autotm_arena_stat(int what) {
+    pthread_mutex_lock(&lock_);
+    int64_t r = read_stat(what);
+    pthread_mutex_unlock(&lock_);
+    return r;
+}
+
+void *autotm_try_alloc(size_t size, int device, void *stream) {
+    (void)device; (void)stream;
+    pthread_mutex_lock(&lock_);
+    void *p = try_alloc(size);
+    pthread_mutex_unlock(&lock_);
+    return p;
+}
+
+void autotm_free(void *ptr, size_t size, int device, void *stream) {
+    (void)size; (void)device; (void)stream;
+    pthread_mutex_lock(&lock_);
+    free_block(ptr);
+    pthread_mutex_unlock(&lock_);
 }
 
 #ifdef __cplusplus
