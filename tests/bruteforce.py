@@ -3,8 +3,10 @@
 The brute force enumerates every SOURCE -> SINK path of every free tensor's flow graph
 (DFS), takes the Cartesian product, and evaluates each combination from the *meaning* of a
 path (tier at each kernel, which moves it pays) with its own code, not the ILP's rows:
-capacity at every kernel, a profiled configuration per kernel (CUDA: all IO fast), and the
-cost sum of kernel times + sync moves, with async moves hidden behind their kernel.
+capacity at every kernel (on CPU an output counts at its producer in either tier: the runtime
+makes it in fast memory and copies it), a profiled configuration per kernel (CUDA: all IO
+fast), and the cost sum of kernel times + sync moves, with async moves hidden behind their
+kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from autotm_py.graph.types import Graph, Kernel, Role, Tensor, TensorMeta
 from autotm_py.optimizer.flowgraph import NONE, PMEM, READ, build_flow_graphs, candidate_seconds
+from autotm_py.optimizer.plan import stages_outputs
 from autotm_py.profiler.types import Bandwidths, KernelCost, Profile
 
 
@@ -168,7 +171,10 @@ def brute_force(graph: Graph, profile: Profile, formulation: str, limit, *,
                 for j, st in enumerate(k.storages):
                     if st == s and not fast[k.index]:
                         bits[k.index] |= 1 << j
-            options.append((fast * float(t.nbytes), bits, sync, load))
+            held = fast * float(t.nbytes)
+            if t.producer is not None and profile.device != "cuda" and stages_outputs(graph.kernels[t.producer]):
+                held[t.producer] = t.nbytes  # an output made for the slow tier is made in fast memory
+            options.append((held, bits, sync, load))
         per_tensor.append(options)
     if not per_tensor:
         per_tensor = [[(np.zeros(K), np.zeros(K, dtype=np.int64), 0.0, np.zeros(K))]]

@@ -55,7 +55,8 @@ def test_conventional_records_match_optimize(conventional) -> None:
     rec = next(r for r in records if r.formulation == "synchronous" and r.ratio == "1:4")
     assert rec.paper_ratio == "4:1" and rec.modeled and rec.measured_seconds is None
     graph, _ = capture_workload(Workload("tests.workloads:tiny_mlp", 64))
-    plan = optimize(graph, roofline_profile(graph), formulation="synchronous", ratio="1:4", time_limit=120)
+    plan = optimize(graph, roofline_profile(graph), formulation="synchronous", ratio="1:4", time_limit=120,
+                    direct_outputs=True)  # the paper's experiments: the original's runtime
     assert rec.slowdown == pytest.approx(plan.slowdown, rel=1e-9)
     assert rec.predicted_seconds == pytest.approx(plan.predicted_seconds, rel=1e-9)
     assert rec.limit_bytes == plan.limit_bytes and rec.bytes_moved == plan.bytes_moved

@@ -84,9 +84,8 @@ def test_moves_pay_off_somewhere():
     """The test profiles are not degenerate: some limit makes sync strictly beat static."""
     g = chain_graph()
     prof = make_profile(g, "cpu", seed=3, read_bw=200, write_bw=150, async_factor=0.6)
-    gains = [_solve(g, prof, "static", lim)[0] - _solve(g, prof, "synchronous", lim)[0]
-             for lim in LIMITS]
-    assert max(gains) > 0.1
+    pairs = [(_solve(g, prof, "static", lim)[0], _solve(g, prof, "synchronous", lim)[0]) for lim in LIMITS]
+    assert max(st - sy for st, sy in pairs if math.isfinite(st) and math.isfinite(sy)) > 0.1
 
 
 @pytest.fixture(scope="module")

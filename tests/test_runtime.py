@@ -196,29 +196,32 @@ class _HoldingMover(CpuMover):
 
 
 @pytest.mark.parametrize("formulation", ["static", "synchronous", "numa"])
-def test_cpu_step_holds_the_plan_and_the_outputs_it_sends_to_slow_memory(formulation: str) -> None:
-    """On CPU a kernel's output the plan puts straight into slow memory is made in fast memory
-    and copied (PyTorch kernels allocate their own outputs): at every compute kernel the
-    measured fast bytes are the plan's plus those outputs, exactly, and nowhere else more."""
+def test_cpu_step_holds_what_its_plan_counts_outputs_sent_to_slow_memory_included(formulation: str) -> None:
+    """On CPU a kernel's output the plan puts straight into slow memory is written there where
+    its op has an out= overload of its own, else made in fast memory and copied (convolutions).
+    The plan counts the latter in fast memory at its kernel: at every compute kernel the
+    measured fast bytes are exactly the plan's, and within its limit. First-touch NUMA models
+    an allocator that writes outputs into slow memory directly; run here, it goes over."""
+    from autotm_py.optimizer.plan import held_bytes_per_kernel, staged_bytes_per_kernel
     from autotm_py.optimizer.roofline import roofline_profile
 
     entry = zoo.get("resnet50")
     model, (x,), y = zoo.workload("resnet50", 2, device="cpu")
     graph = capture(model, (x,), y, lr=entry.lr)
-    plan = optimize(graph, roofline_profile(graph), formulation=formulation,
-                    limit_bytes=int(graph.peak_live_bytes * 0.5), time_limit=60)
-    tplans = {tp.storage: tp for tp in plan.tensors}
+    limit = int(graph.peak_live_bytes * 0.5)
+    plan = optimize(graph, roofline_profile(graph), formulation=formulation, limit_bytes=limit, time_limit=60)
     step = compile_plan(plan, copy.deepcopy(model), lr=entry.lr)
     _, seen = step.run_probing_fast(x, y)
-
-    def expected(k) -> int:
-        born_slow = {s for s in k.output_storages if s in tplans and tplans[s].initial == "slow"
-                     and graph.tensors[s].producer == k.index}
-        return plan.fast_bytes[k.index] + sum(graph.tensors[s].nbytes for s in born_slow)
-
-    compute = [k for k in graph.kernels if not k.view]
-    assert [seen[k.index] for k in compute] == [expected(k) for k in compute]
-    assert any(expected(k) > plan.fast_bytes[k.index] for k in compute)  # the case is exercised
+    compute = [k.index for k in graph.kernels if not k.view]
+    held = held_bytes_per_kernel(graph, plan.tensors)  # the tensors in fast memory and the outputs made there
+    assert [seen[k] for k in compute] == [held[k] for k in compute]
+    if formulation == "numa":  # a model of an allocator that writes outputs into slow memory directly
+        assert plan.direct_outputs and max(seen.values()) > limit
+    else:
+        assert list(plan.fast_bytes) == held.tolist() and max(seen.values()) <= limit
+    assert staged_bytes_per_kernel(graph, plan.tensors).any()  # the case is exercised
+    # and outputs of ops with an out= overload of their own went straight into the slow tier
+    assert any(n.meta.get("autotm", {}).get("tier") == "slow" for n in step._module.graph.nodes)
     step.close()
 
 

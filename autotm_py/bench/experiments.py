@@ -5,6 +5,11 @@ Paper-sized workloads are planned only, with roofline kernel times (`modeled`): 
 their kernels, let alone running them, does not fit a small machine. Small workloads take
 their kernel times from the kernel cache and, with `measure`, run every plan for real on
 the CPU (slow tensors in the chosen slow tier) and record the measured step time.
+
+Plans are made as the original's runtime ran them, every kernel writing its outputs straight
+into the slow tier (optimize(direct_outputs=True)), so that the 0:1 ratio means all of it
+there. Run on this runtime, a plan's convolutions make their outputs in fast memory first and
+go over its limit by them (optimizer.plan.stages_outputs).
 """
 
 from __future__ import annotations
@@ -176,7 +181,7 @@ def run_workload(w: Workload, cfg: BenchConfig, *, results: str | None = None,
                           paper_ratio=paper_ratio(lim.ratio) if lim.ratio else None)
             try:
                 plan = optimize(graph, prof, formulation=form, ratio=lim.ratio, limit_bytes=lim.nbytes,
-                                time_limit=cfg.time_limit, mip_gap=cfg.gap)
+                                time_limit=cfg.time_limit, mip_gap=cfg.gap, direct_outputs=True)
                 verify(plan, graph, prof)
                 rec = replace(rec, limit_bytes=plan.limit_bytes, predicted_seconds=plan.predicted_seconds,
                               all_fast_seconds=plan.all_fast_seconds, slowdown=plan.slowdown,

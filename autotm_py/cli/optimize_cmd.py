@@ -93,6 +93,10 @@ def _summary(plan: Any, graph: Any, prof: Any) -> dict[str, Any]:
                    "tensor's last write up to where it leaves), solved from the plan without pieces; "
                    "0: each copy beside one kernel.")
 @click.option("--move-state", is_flag=True, help="Let parameters, inputs and optimizer state move too.")
+@click.option("--direct-outputs", is_flag=True,
+              help="CPU: plan as the original's runtime ran, every kernel writing its outputs straight "
+                   "into the slow tier (the paper's experiments). By default the outputs this runtime "
+                   "makes in fast memory first (convolutions') count there, so the step keeps to the limit.")
 @click.option("--estimate", is_flag=True,
               help="Use a roofline estimate of kernel times instead of profiling (modeled).")
 @click.option("--slow-tier", default=None, metavar="SPEC", help="CPU slow tier for profiling: pmem:PATH, numa:NODE or model.")
@@ -113,7 +117,7 @@ def _summary(plan: Any, graph: Any, prof: Any) -> dict[str, Any]:
 def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | None, budget: str | None,
                  formulation: str, device: str, solver: str, time_limit: float, gap: float,
                  async_window: int, async_candidates: str, refine_seconds: float, copy_spans: int,
-                 move_state: bool,
+                 move_state: bool, direct_outputs: bool,
                  estimate: bool, slow_tier: str | None,
                  cache: str | None, fingerprint: str | None, optimizer: str, check_plan: str | None,
                  as_json: bool, out: str | None) -> None:
@@ -198,7 +202,7 @@ def optimize_cmd(model: str, batch: int | None, ratio: str | None, dram: str | N
             plan = optimize(graph, prof, formulation=f, limit_bytes=limit_bytes, time_limit=time_limit,
                             mip_gap=gap, solver=solver, async_window=async_window,
                             async_candidates=candidates, move_state=move_state, refine_seconds=refine_seconds,
-                            copy_spans=copy_spans)
+                            copy_spans=copy_spans, direct_outputs=direct_outputs)
             if ratio is not None:
                 from dataclasses import replace
 

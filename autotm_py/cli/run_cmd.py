@@ -140,9 +140,9 @@ def run_cmd(model: str, batch: int | None, plan_path: str | None, ratio: str | N
                 times = time_steps(lambda: step(inputs, target), steps, dev, warmup=0)
             if fast_peak > plan.limit_bytes:
                 notes = f"the measured peak is over the plan's budget by {human_bytes(fast_peak - plan.limit_bytes)}"
-                if device == "cpu":
-                    notes += (" (a kernel's output the plan puts straight into slow memory is made in fast "
-                              "memory and then copied)")
+                if device == "cpu" and plan.direct_outputs:
+                    notes += (" (the plan counts no output in fast memory for the slow tier, as with "
+                              "--direct-outputs; this runtime makes convolutions' outputs there first)")
     except (RunError, MemoryError) as exc:
         raise UserError(str(exc)) from None
     except torch.OutOfMemoryError:

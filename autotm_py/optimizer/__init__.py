@@ -21,7 +21,7 @@ def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous"
              limit_bytes: Limit | None = None, ratio: str | None = None, time_limit: float = 300.0,
              mip_gap: float = 0.01, solver: str = "highs", async_window: int = 15,
              async_candidates: AsyncCandidates = "auto", move_state: bool = False,
-             refine_seconds: float = 0.0, copy_spans: int = 0) -> Plan:
+             refine_seconds: float = 0.0, copy_spans: int = 0, direct_outputs: bool = False) -> Plan:
     """Place and move every tensor of `graph` under a fast-memory limit: bytes (an int for
     every kernel, or a sequence with one int per kernel of `graph`, for the ILP
     formulations), or a fast:slow `ratio` of the unplanned peak such as "1:4".
@@ -35,7 +35,12 @@ def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous"
     candidate, from that plan (formulation.refine_asynchronous). `copy_spans`: in the
     asynchronous formulation, each async copy may run in pieces beside up to this many
     kernels (a fetch from its start up to the tensor's next use, a write-back from the
-    tensor's last write up to where it leaves), instead of beside one kernel (0)."""
+    tensor's last write up to where it leaves), instead of beside one kernel (0).
+    `direct_outputs`: plan as if every kernel wrote its outputs straight into the slow tier,
+    as the original's runtime did (the paper's experiments). This runtime makes the outputs of
+    convolutions and other ops without an out= overload of their own in fast memory and
+    copies them (plan.stages_outputs); by default a CPU plan counts them there, so its step
+    stays within the limit."""
     if profile.graph_fingerprint != graph.fingerprint:
         raise ValueError("the profile was made for another graph; profile this workload again")
     if (limit_bytes is None) == (ratio is None):
@@ -53,7 +58,7 @@ def optimize(graph: Graph, profile: Profile, *, formulation: str = "synchronous"
                                  time_limit=time_limit, mip_gap=mip_gap, solver=solver,
                                  async_window=async_window, async_candidates=async_candidates,
                                  move_state=move_state, refine_seconds=refine_seconds,
-                                 copy_spans=copy_spans)
+                                 copy_spans=copy_spans, direct_outputs=direct_outputs)
     if formulation in ("numa", "2lm") and is_per_kernel(limit_bytes):
         raise ValueError(f"the {formulation} baseline takes one fast-memory limit, not one per "
                          "kernel; per-kernel limits apply to static, synchronous and asynchronous")

@@ -15,9 +15,9 @@ from .flowgraph import NONE, PMEM, READ, edge_ids, walk
 from .ilp import BYTE_UNIT, Model, build_model, trace_paths
 from .limits import (Limit, explain_infeasible, infeasible_kernel, is_per_kernel, kernel_limits,
                      plan_workspace)
-from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan, time_terms,
-                   fast_bytes_per_kernel, fixed_tensor_plans, kernel_seconds, plan_metrics,
-                   predict_seconds)
+from .plan import (FAST, PLAN_SCHEMA, SLOW, Move, Plan, SolverStats, TensorPlan, fast_bytes_per_kernel,
+                   fixed_tensor_plans, held_bytes_per_kernel, kernel_seconds, plan_metrics, predict_seconds,
+                   time_terms)
 from .solver import Infeasible, Solution, SolverFailed, solve
 
 # async_candidates="auto": graphs whose ±window holds more than ASYNC_FULL_BELOW overlap
@@ -81,7 +81,7 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
                       solver: str = "highs", async_window: int = 15,
                       async_candidates: AsyncCandidates = "auto",
                       move_state: bool = False, warm_start: bool = True,
-                      refine_seconds: float = 0.0, copy_spans: int = 0) -> Plan:
+                      refine_seconds: float = 0.0, copy_spans: int = 0, direct_outputs: bool = False) -> Plan:
     """Build and solve one formulation's ILP and return its Plan. `limit_bytes`: one byte
     count, or one per kernel. The asynchronous formulation starts from the synchronous
     optimum (its solve time is included); `async_candidates` restricts its overlap
@@ -89,7 +89,7 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
     flowgraph.build_flow_graphs). With `refine_seconds`, an asynchronous plan the restriction
     shaped is solved again with every candidate (refine_asynchronous). `copy_spans`
     (asynchronous): an async copy may run in pieces over up to this many kernels
-    (ilp.build_model)."""
+    (ilp.build_model). `direct_outputs`: see Plan.direct_outputs."""
     if copy_spans < 0:
         raise ValueError(f"copy_spans must be 0 or more, got {copy_spans}")
     if formulation != "asynchronous":
@@ -100,13 +100,15 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
                                   time_limit=time_limit / 2, mip_gap=mip_gap, solver=solver,
                                   async_window=async_window, async_candidates=async_candidates,
                                   move_state=move_state, warm_start=warm_start,
-                                  refine_seconds=refine_seconds)
+                                  refine_seconds=refine_seconds, direct_outputs=direct_outputs)
         return spread_copies(graph, profile, whole, limit_bytes, copy_spans=copy_spans,
                              seconds=max(time_limit - (time.perf_counter() - t0), 1.0), ratio=ratio,
                              mip_gap=mip_gap, solver=solver)
     limits = kernel_limits(graph, limit_bytes)
-    if infeasible_kernel(graph, profile, formulation, limit_bytes, move_state=move_state) is not None:
-        raise Infeasible(explain_infeasible(graph, profile, formulation, limit_bytes, move_state))
+    if infeasible_kernel(graph, profile, formulation, limit_bytes, move_state=move_state,
+                         direct_outputs=direct_outputs) is not None:
+        raise Infeasible(explain_infeasible(graph, profile, formulation, limit_bytes, move_state,
+                                            direct_outputs=direct_outputs))
     rule = async_restriction(async_candidates)
     if formulation != "asynchronous":
         rule = AsyncRestriction()
@@ -119,14 +121,15 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
         try:
             start = solve_formulation(graph, profile, "synchronous", limit_bytes, ratio=ratio,
                                       time_limit=time_limit / 3, mip_gap=mip_gap, solver=solver,
-                                      async_window=async_window, move_state=move_state)
+                                      async_window=async_window, move_state=move_state,
+                                      direct_outputs=direct_outputs)
         except (Infeasible, SolverFailed):
             start = None
     warm_seconds = time.perf_counter() - t0
     model = build_model(graph, profile, formulation, limits, window=async_window,
                         move_state=move_state, async_candidates=rule.candidates,
                         full_below=rule.full_below, small_above=rule.small_above,
-                        small_share=rule.small_share, copy_spans=copy_spans)
+                        small_share=rule.small_share, copy_spans=copy_spans, direct_outputs=direct_outputs)
     x0 = None
     if start is not None:
         x0 = start_vector(model, graph, profile, start)
@@ -141,7 +144,7 @@ def solve_formulation(graph: Graph, profile: Profile, formulation: str, limit_by
                     mip_gap=mip_gap, start=x0)
     except Infeasible:
         raise Infeasible(explain_infeasible(graph, profile, formulation, limit_bytes, move_state,
-                                            solver_said=True)) from None
+                                            solver_said=True, direct_outputs=direct_outputs)) from None
     if warm_seconds:
         sol = dataclasses.replace(sol, solve_seconds=sol.solve_seconds + warm_seconds)
     plan = plan_from_solution(graph, profile, model, sol, limit_bytes, ratio, move_state, async_window,
@@ -165,7 +168,8 @@ def refine_asynchronous(graph: Graph, profile: Profile, plan: Plan, limit_bytes:
     if plan.async_candidates is None and plan.async_min_bytes is None:
         return plan
     model = build_model(graph, profile, "asynchronous", kernel_limits(graph, limit_bytes), window=plan.async_window,
-                        move_state=plan.move_state, copy_spans=plan.copy_spans)
+                        move_state=plan.move_state, copy_spans=plan.copy_spans,
+                        direct_outputs=plan.direct_outputs)
     return solve_from(graph, profile, plan, model, limit_bytes, seconds=seconds, ratio=ratio,
                       mip_gap=mip_gap, solver=solver)
 
@@ -182,7 +186,7 @@ def spread_copies(graph: Graph, profile: Profile, plan: Plan, limit_bytes: Limit
     model = build_model(graph, profile, "asynchronous", kernel_limits(graph, limit_bytes),
                         window=plan.async_window, move_state=plan.move_state,
                         async_candidates=plan.async_candidates, async_min_bytes=plan.async_min_bytes,
-                        copy_spans=copy_spans)
+                        copy_spans=copy_spans, direct_outputs=plan.direct_outputs)
     plan = dataclasses.replace(plan, copy_spans=copy_spans)
     greedy = spread_greedily(graph, profile, model, plan)
     if greedy.predicted_seconds < plan.predicted_seconds:
@@ -333,7 +337,7 @@ def overlap_moves(graph: Graph, profile: Profile, model: Model, plan: Plan,
     pos_of = {int(s): p for p, s in enumerate(fg.storages)}
     K = len(graph.kernels)
     ws = plan_workspace(graph, profile, plan)
-    room = limits - ws - fast_bytes_per_kernel(graph, plan.tensors)  # bytes free at each kernel
+    room = limits - ws - held_bytes_per_kernel(graph, plan.tensors, plan.direct_outputs)  # bytes free at each kernel
     ktime = np.zeros(K)
     for k in graph.compute_kernels:
         ktime[k.index] = kernel_seconds(profile, k.index, plan.kernel_masks[k.index], int(ws[k.index]))
@@ -487,10 +491,10 @@ def plan_from_solution(graph: Graph, profile: Profile, model: Model, sol: Soluti
     return Plan(
         PLAN_SCHEMA, graph.fingerprint, graph.name, fg.formulation, profile.device, top,
         ratio, all_plans, tuple(moves), tuple(masks),
-        tuple(int(b) for b in fast_bytes_per_kernel(graph, all_plans)), predicted,
+        tuple(int(b) for b in held_bytes_per_kernel(graph, all_plans, model.direct_outputs)), predicted,
         profile.all_fast_seconds, bool(profile.modeled), stats,
         plan_metrics(graph, profile, all_plans, moves, top, ratio, predicted),
         move_state, async_window, fg.async_candidates,
         tuple(int(b) for b in limits) if is_per_kernel(limit_bytes) else None,
-        fg.async_min_bytes, tuple(int(b) for b in workspace), copy_spans,
+        fg.async_min_bytes, tuple(int(b) for b in workspace), copy_spans, model.direct_outputs,
     )

@@ -47,7 +47,7 @@ import numpy as np
 from ..graph.types import Graph
 from ..profiler.types import Profile
 from .limits import kernel_limits, kernel_workspace
-from .plan import kernel_seconds
+from .plan import kernel_seconds, stages_outputs
 from .flowgraph import (NONE, READ, WRITE, FlowGraphs, build_flow_graphs, candidate_seconds,
                         fast_expression_ids, gadget_expressions)
 from .flowgraph import copy_spans as copy_span_pieces
@@ -94,6 +94,7 @@ class Model:
     y_edge: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     y_kernel: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     y_col: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    direct_outputs: bool = False  # no staging rows (plan.Plan.direct_outputs)
 
     def workspace(self, x: np.ndarray) -> np.ndarray:
         """Workspace bytes a solution reserves at each kernel."""
@@ -213,15 +214,41 @@ def move_costs(fg: FlowGraphs, profile: Profile) -> np.ndarray:
     return cost
 
 
+def _staging_rows(graph: Graph, fg: FlowGraphs, rows: _Rows, nonview: np.ndarray, m_col0: int,
+                  m_hi: np.ndarray, eptr: np.ndarray, eitems: np.ndarray) -> None:
+    """On CPU most kernels make their outputs in fast memory, and the runtime copies one the
+    plan sends to the slow tier after the kernel (plan.stages_outputs): at its producer it
+    takes fast memory in either tier. Per such kernel: M[k] + the sum over its new outputs of
+    bytes x (1 - in_fast) <= the M column's bound."""
+    producer = np.array([-1 if graph.tensors[int(s)].producer is None else graph.tensors[int(s)].producer
+                         for s in fg.storages], dtype=np.int64)
+    p = np.flatnonzero((producer >= 0) & (fg.nbytes > 0))
+    p = p[np.isin(producer[p], nonview)]
+    p = p[[stages_outputs(graph.kernels[int(k)]) for k in producer[p]]]
+    if not len(p):
+        return
+    k = producer[p]
+    kernels, which = np.unique(k, return_inverse=True)
+    pos = np.searchsorted(nonview, kernels)
+    nb = fg.nbytes[p] / BYTE_UNIT
+    staged = np.bincount(which, weights=nb, minlength=len(kernels))
+    srow = rows.new(np.full(len(kernels), -np.inf), m_hi[pos] - staged)
+    rows.add(srow, m_col0 + pos, 1.0)
+    owner, edges = _expand(eptr, eitems, fast_expression_ids(fg, p, k, len(graph.kernels)))
+    rows.add(srow[which[owner]], edges, -nb[owner])
+
+
 def build_model(graph: Graph, profile: Profile, formulation: str,
                 limit_bytes: int | Sequence[int] | np.ndarray, *, window: int = 15,
                 move_state: bool = False, async_candidates: int | None = None,
                 full_below: int | None = None, async_min_bytes: int | None = None,
                 small_above: int | None = None, small_share: float = 0.0,
-                copy_spans: int = 0) -> Model:
+                copy_spans: int = 0, direct_outputs: bool = False) -> Model:
     """The whole ILP for one formulation and fast-memory limit (bytes, one for every kernel
     or one per kernel). `copy_spans` (asynchronous): each async copy may run in pieces over
-    up to this many kernels (flowgraph.copy_spans); 0 or 1: at its one kernel."""
+    up to this many kernels (flowgraph.copy_spans); 0 or 1: at its one kernel.
+    `direct_outputs`: every kernel writes its outputs straight into the slow tier (no
+    staging rows; plan.Plan.direct_outputs)."""
     t0 = time.perf_counter()
     limits = kernel_limits(graph, limit_bytes)
     fg = build_flow_graphs(graph, formulation, window=window, move_state=move_state,
@@ -370,6 +397,8 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         wrow = rows.new(np.full(len(wk), -np.inf), m_hi[wpos])  # M[k] + sum of its steps' bytes <= bound
         rows.add(wrow, m_col0 + wpos, 1.0)
         rows.add(wrow[np.searchsorted(wk, ws_kernel)], ws_col, ws_bytes / BYTE_UNIT)
+    if profile.device != "cuda" and not direct_outputs:
+        _staging_rows(graph, fg, rows, nonview, m_col0, m_hi, eptr, eitems)
     if order_rows:
         later, earlier = (np.array(v, dtype=np.int64) for v in zip(*order_rows))
         orow = rows.new(np.full(len(later), -np.inf), 0.0)  # w_j - w_{j-1} <= 0
@@ -513,7 +542,7 @@ def build_model(graph: Graph, profile: Profile, formulation: str,
         c, offset, np.concatenate(col_lo), np.concatenate(col_hi), np.concatenate(integ),
         start, index, value, rlo, rhi, fg, cfg_kernel, cfg_mask, cfg_col, m_col0, nonview,
         z_kernel, z_col, time.perf_counter() - t0, ws_base, ws_kernel, ws_col, ws_bytes,
-        np.array(step_reach, dtype=np.int64), y_edge, y_kernel, y_col,
+        np.array(step_reach, dtype=np.int64), y_edge, y_kernel, y_col, direct_outputs,
     )
 
 

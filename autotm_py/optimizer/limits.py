@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from ..graph.types import Graph, kernel_signature
+from ..graph.types import Graph, Kernel, kernel_signature
 from ..profiler.types import Profile
 
 if TYPE_CHECKING:
@@ -91,6 +91,15 @@ def _fixed_live(graph: Graph, free: set[int]) -> np.ndarray:
     return np.cumsum(delta[:-1])
 
 
+def _made_by(graph: Graph, kernel: Kernel) -> set[int]:
+    """The storages `kernel` makes in fast memory whatever their tier (plan.stages_outputs)."""
+    from .plan import stages_outputs
+
+    if not stages_outputs(kernel):
+        return set()
+    return {s for s in kernel.output_storages if graph.tensors[s].producer == kernel.index}
+
+
 def _allowed(profile: Profile, kernel: int, slowable: int) -> list[int]:
     if profile.device == "cuda":
         return [0]
@@ -98,12 +107,14 @@ def _allowed(profile: Profile, kernel: int, slowable: int) -> list[int]:
 
 
 def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
-                 move_state: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 move_state: bool = False, direct_outputs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per kernel: (bytes of tensors that must be in fast memory there whatever the plan,
     of which bytes are fixed tensors). Synchronous and asynchronous plans can move any free
     tensor out between kernels, so only the kernel's own IO that no profiled configuration
-    lets be slow counts (on CUDA: all of it). Static plans cannot move, so a tensor that
-    must be fast at one of its kernels is fast for its whole life."""
+    lets be slow counts (on CUDA: all of it), and the outputs it makes in fast memory in
+    either tier (plan.stages_outputs; none with `direct_outputs`). Static
+    plans cannot move, so a tensor that must be fast at one of its kernels is fast for its
+    whole life."""
     free = {t.id for t in graph.tensors if t.nbytes > 0 and (move_state or not t.fixed)}
     fixed = _fixed_live(graph, free)
     need = fixed.copy()
@@ -115,9 +126,11 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
         masks = _allowed(profile, k.index, slowable)
         if not masks:
             continue
+        made = set() if direct_outputs else _made_by(graph, k)
         best = None
         for m in masks:
-            b = sum(graph.tensors[s].nbytes for j, s in enumerate(st) if s in free and not m >> j & 1)
+            b = sum(graph.tensors[s].nbytes for j, s in enumerate(st)
+                    if s in free and (not m >> j & 1 or s in made))
             best = b if best is None else min(best, b)
         io_need[k.index] = best or 0
         if formulation == "static":
@@ -136,9 +149,10 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
             st = profile.kernels[k.index].storages
             slowable = sum(1 << j for j, s in enumerate(st) if s in free and s not in forced)
             masks = _allowed(profile, k.index, slowable) or [0]
+            made = set() if direct_outputs else _made_by(graph, k)
             io_need[k.index] = min(
                 sum(graph.tensors[s].nbytes for j, s in enumerate(st)
-                    if s in free and s not in forced and not m >> j & 1) for m in masks)
+                    if s in free and s not in forced and (not m >> j & 1 or s in made)) for m in masks)
         need = fixed + forced_live + io_need
     else:
         need = fixed + io_need
@@ -205,37 +219,38 @@ def plan_workspace(graph: Graph, profile: Profile, plan: "Plan") -> np.ndarray:
 
 
 def minimum_fast_bytes(graph: Graph, profile: Profile, formulation: str = "synchronous", *,
-                       move_state: bool = False) -> tuple[int, int]:
+                       move_state: bool = False, direct_outputs: bool = False) -> tuple[int, int]:
     """(smallest fast memory any plan of this formulation needs, the kernel that sets it).
     Baselines spill what does not fit, so they need nothing."""
     if formulation in ("numa", "2lm") or not graph.kernels:
         return 0, 0
-    need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
+    need, _ = kernel_needs(graph, profile, formulation, move_state=move_state, direct_outputs=direct_outputs)
     k = int(np.argmax(need))
     return int(need[k]), k
 
 
 def infeasible_kernel(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit, *,
-                      move_state: bool = False) -> int | None:
+                      move_state: bool = False, direct_outputs: bool = False) -> int | None:
     """The kernel whose limit is furthest below what any plan needs there; None if every
     kernel's limit covers its need."""
     if formulation in ("numa", "2lm") or not graph.kernels:
         return None
-    need, _ = kernel_needs(graph, profile, formulation, move_state=move_state)
+    need, _ = kernel_needs(graph, profile, formulation, move_state=move_state, direct_outputs=direct_outputs)
     short = need - kernel_limits(graph, limit_bytes)
     k = int(np.argmax(short))
     return k if short[k] > 0 else None
 
 
 def explain_infeasible(graph: Graph, profile: Profile, formulation: str, limit_bytes: Limit,
-                       move_state: bool = False, solver_said: bool = False) -> str:
+                       move_state: bool = False, solver_said: bool = False, direct_outputs: bool = False) -> str:
     """One sentence: the limit, the smallest feasible one, and the kernel that sets it."""
     from ..cli.common import human_bytes
 
-    need, fixed = kernel_needs(graph, profile, formulation, move_state=move_state)
+    need, fixed = kernel_needs(graph, profile, formulation, move_state=move_state, direct_outputs=direct_outputs)
     limits = kernel_limits(graph, limit_bytes)
     per_kernel = is_per_kernel(limit_bytes)
-    short = infeasible_kernel(graph, profile, formulation, limit_bytes, move_state=move_state)
+    short = infeasible_kernel(graph, profile, formulation, limit_bytes, move_state=move_state,
+                              direct_outputs=direct_outputs)
     k = short if short is not None else int(np.argmax(need))
     kern = graph.kernels[k]
     lim = int(limits[k]) if len(limits) else 0

@@ -118,4 +118,5 @@ def optimize_numa(graph: Graph, profile: Profile, limit_bytes: int, *, ratio: st
         tensors, (), masks, tuple(int(b) for b in fast_bytes_per_kernel(graph, tensors)), predicted,
         profile.all_fast_seconds, bool(profile.modeled), SolverStats(backend="first-touch"),
         plan_metrics(graph, profile, tensors, (), limit_bytes, ratio, predicted),
+        direct_outputs=True,  # a model of the operating system's placement: pages, not PyTorch's outputs
     )

@@ -22,7 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..graph.types import Graph
+from ..graph.types import Graph, Kernel
+from ..profiler.harness import direct_out_variant
 from ..profiler.types import Profile
 
 PLAN_SCHEMA = 1
@@ -96,7 +97,7 @@ class Plan:
     tensors: tuple[TensorPlan, ...]
     moves: tuple[Move, ...]
     kernel_masks: tuple[int, ...]
-    fast_bytes: tuple[int, ...]
+    fast_bytes: tuple[int, ...]  # per kernel (held_bytes_per_kernel); 2lm: its cache's occupancy
     predicted_seconds: float
     all_fast_seconds: float
     modeled: bool
@@ -117,6 +118,10 @@ class Plan:
     workspace: tuple[int, ...] | None = None
     # the asynchronous formulation's longest copy span in kernels (0: each copy at one kernel)
     copy_spans: int = 0
+    # every kernel writes its outputs straight into the slow tier, as the original's runtime
+    # did (the baselines, the paper's experiments); False: the outputs this runtime makes in
+    # fast memory count there (stages_outputs)
+    direct_outputs: bool = False
 
     # ---- queries --------------------------------------------------------------------
     def tensor_plan(self, storage: int) -> TensorPlan:
@@ -164,7 +169,7 @@ class Plan:
             "kernel_limits": None if self.kernel_limits is None else list(self.kernel_limits),
             "async_min_bytes": self.async_min_bytes,
             "workspace": None if self.workspace is None else list(self.workspace),
-            "copy_spans": self.copy_spans,
+            "copy_spans": self.copy_spans, "direct_outputs": self.direct_outputs,
             "solver": asdict(self.solver),
             "metrics": dict(self.metrics),
             "kernel_masks": list(self.kernel_masks), "fast_bytes": list(self.fast_bytes),
@@ -203,6 +208,8 @@ class Plan:
             None if d.get("async_min_bytes") is None else int(d["async_min_bytes"]),
             None if d.get("workspace") is None else tuple(int(b) for b in d["workspace"]),
             int(d.get("copy_spans", 0)),
+            # plans written before the field counted no output in fast memory for the slow tier
+            bool(d.get("direct_outputs", True)),
         )
 
     def save(self, path: str) -> None:
@@ -248,6 +255,35 @@ def fast_bytes_per_kernel(graph: Graph, tensors: Iterable[TensorPlan]) -> np.nda
             delta[a] += nb
             delta[b + 1] -= nb
     return np.cumsum(delta[:-1])
+
+
+def stages_outputs(kernel: Kernel) -> bool:
+    """Whether the runtime makes `kernel`'s new outputs in fast memory whatever their tier.
+    PyTorch kernels allocate their own outputs; only an op with an out= overload of its own
+    (harness.direct_out_variant: matrix products, pointwise and reduction kernels) writes
+    straight into a buffer in the slow tier. Convolutions and their backward do not: an
+    output the plan sends to the slow tier is made in fast memory and copied after the kernel."""
+    return direct_out_variant(kernel) is None
+
+
+def staged_bytes_per_kernel(graph: Graph, tensors: Iterable[TensorPlan]) -> np.ndarray:
+    """Bytes of the outputs each kernel sends to the slow tier through fast memory
+    (stages_outputs): they hold fast memory while it runs (CPU; on CUDA every output is made
+    in device memory anyway)."""
+    out = np.zeros(len(graph.kernels), dtype=np.int64)
+    for tp in tensors:
+        t = graph.tensors[tp.storage]
+        if t.producer is not None and tp.tier_at(t.producer) == SLOW and stages_outputs(graph.kernels[t.producer]):
+            out[t.producer] += t.nbytes
+    return out
+
+
+def held_bytes_per_kernel(graph: Graph, tensors: Iterable[TensorPlan], direct_outputs: bool = False) -> np.ndarray:
+    """Fast memory a plan counts at each kernel: the tensors in fast memory and, unless every
+    kernel writes its outputs straight into the slow tier, the outputs made there for it."""
+    tensors = list(tensors)
+    held = fast_bytes_per_kernel(graph, tensors)
+    return held if direct_outputs else held + staged_bytes_per_kernel(graph, tensors)
 
 
 def placement_mask(graph: Graph, plans: Mapping[int, TensorPlan], kernel: int) -> int:

@@ -60,4 +60,5 @@ def optimize_2lm(graph: Graph, profile: Profile, limit_bytes: int, *, ratio: str
         tensors, (), tuple(0 for _ in graph.kernels), tuple(int(b) for b in occupancy), predicted,
         profile.all_fast_seconds, True, SolverStats(backend="2lm-model"),
         plan_metrics(graph, profile, tensors, (), limit_bytes, ratio, predicted),
+        direct_outputs=True,
     )

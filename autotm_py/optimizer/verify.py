@@ -23,7 +23,7 @@ from ..graph.types import Graph
 from ..profiler.types import Profile
 from .flowgraph import NONE, READ, build_flow_graphs, candidate_seconds, edge_ids, walk
 from .limits import kernel_workspace, plan_workspace
-from .plan import FAST, PLAN_SCHEMA, SLOW, Plan, fast_bytes_per_kernel, placement_mask, predict_seconds
+from .plan import FAST, PLAN_SCHEMA, SLOW, Plan, held_bytes_per_kernel, placement_mask, predict_seconds
 
 REL_TOL = 1e-6
 SLICED_REL_TOL = 1e-4
@@ -134,7 +134,7 @@ def check(plan: Plan, graph: Graph, profile: Profile, max_problems: int = 50) ->
                        "cuDNN keeps one algorithm for all of them")
     if form != "2lm":
         limits = plan.limit_at()
-        fb = fast_bytes_per_kernel(graph, plan.tensors)
+        fb = held_bytes_per_kernel(graph, plan.tensors, plan.direct_outputs)
         need = fb
         if form != "numa":  # a kernel's workspace needs room while it runs (as in the ILP)
             need = fb + plan_workspace(graph, profile, plan)

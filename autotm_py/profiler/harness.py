@@ -14,6 +14,7 @@ which the step hides, is not counted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -172,6 +173,30 @@ def out_variant(op: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, tuple
         if [(a.name, str(a.type)) for a in cs.arguments if not a.is_out] == want:
             return cand, tuple(outs)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_out(name: str) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
+    try:
+        found = out_variant(resolve_op(name))
+    except ReplayError:
+        return None
+    # an out= overload without a CPU kernel of its own is generated around the functional
+    # one: it makes the result in a temporary and copies it into `out`
+    if found is None or not torch._C._dispatch_has_kernel_for_dispatch_key(found[0].name(), "CPU"):
+        return None
+    return found
+
+
+def direct_out_variant(kernel: Kernel) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
+    """The out= overload through which `kernel` writes its outputs straight into buffers the
+    caller allocates (on CPU, in the slow tier's memory), or None: its op has none, only one
+    generated around the functional op, or an output of the call is not a new storage."""
+    if kernel.view or kernel.inplace or set(kernel.output_storages) & set(kernel.input_storages) \
+            or len(kernel.output_storages) != len(kernel.outputs):
+        return None
+    found = _direct_out(kernel.op)
+    return found if found is not None and len(found[1]) == len(kernel.outputs) else None
 
 
 def _extent_bytes(metas: Sequence[TensorMeta]) -> int:

@@ -139,6 +139,10 @@ class CpuMover(Mover):
     def holds_fast(self, storage: torch.UntypedStorage) -> bool:
         return not self.arena.contains(storage)
 
+    def empty(self, nbytes: int, tier: str) -> torch.Tensor:
+        """A flat uint8 buffer of `nbytes` in `tier`, for a kernel to write its output into."""
+        return self.arena.alloc(nbytes) if tier == "slow" else torch.empty(nbytes, dtype=torch.uint8)
+
     def copy(self, src: torch.Tensor, to: str, planned: bool = True, original: bool = False) -> torch.Tensor:
         data = _bytes(src, original)
         n = data.numel()

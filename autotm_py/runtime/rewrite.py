@@ -7,9 +7,14 @@ for that kernel. Once the plan drops a version (a write to the slow tier, or a f
 released after its stretch), nothing references it any more and the generated code frees it
 after its last use. Inserted nodes carry `node.meta["autotm"]` describing what they do.
 
+A kernel's output planned straight into the slow tier is written there where the op has an
+out= overload of its own (profiler.harness.direct_out_variant): the node calls it with
+buffers the mover allocates, in the slow tier for those outputs.
+
 Rules the plan cannot express are kept safe here, and counted as unplanned copies:
-* a kernel's output planned straight into the slow tier is produced in fast memory and
-  copied (PyTorch kernels cannot allocate their outputs in another arena);
+* any other output planned straight into the slow tier is produced in fast memory and
+  copied (PyTorch kernels allocate their own outputs; the plan counts it in fast memory at
+  its kernel, optimizer.plan.stages_outputs);
 * an in-place write to one version makes the other stale: a later free drop to the stale
   tier becomes a copy.
 """
@@ -26,6 +31,7 @@ import torch.fx as fx
 
 from ..graph.types import Graph, Kernel
 from ..optimizer.plan import FAST, SLOW, Plan
+from ..profiler.harness import direct_out_variant
 
 ORIGINAL = "original"
 MOVER = "autotm_mover"
@@ -94,6 +100,15 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
             before[m.kernel].append(m)
         else:
             after[m.kernel].append(m)
+    # kernels that write an output straight into the slow tier through their out= overload
+    direct: dict[int, tuple] = {}
+    if plan.device != "cuda":
+        for k in kernels:
+            made_slow = [s for s in k.output_storages if s in planned and graph.tensors[s].producer == k.index
+                         and tplans[s].tier_at(k.index) == SLOW]
+            found = direct_out_variant(k) if made_slow else None
+            if found is not None:
+                direct[k.index] = (found, set(made_slow))
     drops: dict[int, list[int]] = defaultdict(list)
     writes = {(m.storage, m.kernel) for m in plan.moves if m.direction == "to_slow"}
     for s in planned:
@@ -109,6 +124,7 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
     counts = {"planned": 0, "unplanned": 0, "views": 0}
     pending_after: list[tuple[Kernel, list]] = []
     inflight: dict = {}  # a sliced move -> the node holding its destination between pieces
+    out_buffers: dict[int, fx.Node] = {}  # storage -> the slow buffer a direct kernel writes it into
 
     def call(method: str, *args: object, meta: dict) -> fx.Node:
         n = g.call_method(method, (mover_node, *args))
@@ -133,8 +149,11 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
         """Actions after a kernel, placed after its getitem nodes (before the next kernel)."""
         while pending_after:
             k, handles = pending_after.pop(0)
+            written = direct.get(k.index, (None, set()))[1]
             for s in k.output_storages:
-                if s in planned and graph.tensors[s].producer == k.index:
+                if s in written:
+                    versions[s] = {SLOW: out_buffers.pop(s)}
+                elif s in planned and graph.tensors[s].producer == k.index:
                     versions[s] = {FAST: ORIGINAL}
                     if tplans[s].initial == SLOW:
                         copy_to(s, SLOW, False)
@@ -212,6 +231,18 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
                 counts["views"] += 1
             if replace:
                 _replace_leaves(node, replace)
+            if k is not None and k.index in direct:
+                (out_op, names), written = direct[k.index]
+                outs = {}
+                for name, m in zip(names, k.outputs):
+                    tier = SLOW if m.storage in written else FAST
+                    buf = call("empty", graph.tensors[m.storage].nbytes, tier, meta={"buffer": m.storage, "tier": tier})
+                    if tier == SLOW:
+                        out_buffers[m.storage] = buf
+                    outs[name] = call("view", buf, list(m.shape), list(m.stride), m.offset, getattr(torch, m.dtype),
+                                      meta={"view": m.storage})
+                node.target = out_op
+                node.kwargs = {**node.kwargs, **outs}
             if k is not None and k.inplace:
                 for s in k.output_storages:
                     if s in planned and s in versions and not k.view:
