@@ -423,6 +423,10 @@ def test_per_kernel_limit_file_and_input_checks(tmp_path):
     assert old.kernel_limits is None and old.async_candidates is None
     assert old.limit_at().tolist() == [200] * len(g.kernels)
     verify(old, g, prof)
+    # and before staged outputs were counted: every output went straight into the slow tier
+    assert not uniform.direct_outputs and Plan.from_json(uniform.to_json()) == uniform
+    del d["direct_outputs"]
+    assert Plan.from_json(d, g).direct_outputs
     with pytest.raises(ValueError, match="one value per kernel"):
         optimize(g, prof, formulation="synchronous", limit_bytes=[200, 200])
     with pytest.raises(ValueError, match="non-negative"):

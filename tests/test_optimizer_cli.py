@@ -112,3 +112,19 @@ def test_a_saved_graph_is_planned_from_another_machines_cached_rows(tmp_path):
     _one_sentence(run(str(g), "--batch", "8", "--ratio", "1:4"), "drop --batch")
     _one_sentence(run(str(g), "--ratio", "1:4", "--cache", str(cache), "--fingerprint", "H100"),
                   "no device fingerprint containing every part of 'H100'")
+
+
+def test_direct_outputs_plans_as_the_original_runtime(tmp_path):
+    """All movable tensors in slow memory (0:1): no plan fits where relu makes its output in
+    fast memory first, as this runtime does; with --direct-outputs (every output written
+    straight into the slow tier, as the original's runtime) one does, and says so in its file;
+    that file checks as valid against the same semantics."""
+    _one_sentence(run(W, "--batch", "64", "--ratio", "0:1", "--estimate", "--formulation", "synchronous"),
+                  "aten.relu.default")
+    out = tmp_path / "direct.json"
+    r = run(W, "--batch", "64", "--ratio", "0:1", "--estimate", "--formulation", "synchronous",
+            "--direct-outputs", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["direct_outputs"] is True
+    r = run(W, "--batch", "64", "--estimate", "--check", str(out))
+    assert r.exit_code == 0 and "valid synchronous plan" in r.output, r.output
