@@ -259,6 +259,11 @@ def explain_infeasible(graph: Graph, profile: Profile, formulation: str, limit_b
             f"there (parameters, inputs, optimizer state) plus {int(need[k] - fixed[k]):,} that "
             f"{'its inputs and outputs' if formulation != 'static' else 'its tensors and the ones a static plan cannot move'} "
             "must keep there")
+    made = 0 if direct_outputs or profile.device == "cuda" or kern.view else \
+        sum(graph.tensors[s].nbytes for s in _made_by(graph, kern))
+    if made:
+        what += (f", its new outputs ({made:,} bytes) among them, which this runtime makes in fast memory "
+                 "(direct_outputs, --direct-outputs: plan as if written straight into the slow tier)")
     where = f" at kernel #{k}" if per_kernel else ""
     if solver_said and short is None:
         if per_kernel:
