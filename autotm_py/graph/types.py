@@ -192,6 +192,10 @@ class Graph:
     def tensor(self, storage: int) -> Tensor:
         return self.tensors[storage]
 
+    def made_by(self, kernel: Kernel) -> tuple[int, ...]:
+        """The storages `kernel` creates (its outputs it does not write into)."""
+        return tuple(s for s in kernel.output_storages if self.tensors[s].producer == kernel.index)
+
     # ---- identity and files ---------------------------------------------------------
     def _content(self) -> dict[str, Any]:
         return {

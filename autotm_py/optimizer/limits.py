@@ -19,6 +19,7 @@ import numpy as np
 
 from ..graph.types import Graph, Kernel, kernel_signature
 from ..profiler.types import Profile
+from .plan import staged_outputs
 
 if TYPE_CHECKING:
     from ..profiler.types import KernelCost
@@ -91,15 +92,6 @@ def _fixed_live(graph: Graph, free: set[int]) -> np.ndarray:
     return np.cumsum(delta[:-1])
 
 
-def _made_by(graph: Graph, kernel: Kernel) -> set[int]:
-    """The storages `kernel` makes in fast memory whatever their tier (plan.stages_outputs)."""
-    from .plan import stages_outputs
-
-    if not stages_outputs(kernel):
-        return set()
-    return {s for s in kernel.output_storages if graph.tensors[s].producer == kernel.index}
-
-
 def _allowed(profile: Profile, kernel: int, slowable: int) -> list[int]:
     if profile.device == "cuda":
         return [0]
@@ -126,7 +118,7 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
         masks = _allowed(profile, k.index, slowable)
         if not masks:
             continue
-        made = set() if direct_outputs else _made_by(graph, k)
+        made = () if direct_outputs else staged_outputs(graph, k)
         best = None
         for m in masks:
             b = sum(graph.tensors[s].nbytes for j, s in enumerate(st)
@@ -149,7 +141,7 @@ def kernel_needs(graph: Graph, profile: Profile, formulation: str, *,
             st = profile.kernels[k.index].storages
             slowable = sum(1 << j for j, s in enumerate(st) if s in free and s not in forced)
             masks = _allowed(profile, k.index, slowable) or [0]
-            made = set() if direct_outputs else _made_by(graph, k)
+            made = () if direct_outputs else staged_outputs(graph, k)
             io_need[k.index] = min(
                 sum(graph.tensors[s].nbytes for j, s in enumerate(st)
                     if s in free and s not in forced and (not m >> j & 1 or s in made)) for m in masks)
@@ -260,7 +252,7 @@ def explain_infeasible(graph: Graph, profile: Profile, formulation: str, limit_b
             f"{'its inputs and outputs' if formulation != 'static' else 'its tensors and the ones a static plan cannot move'} "
             "must keep there")
     made = 0 if direct_outputs or profile.device == "cuda" or kern.view else \
-        sum(graph.tensors[s].nbytes for s in _made_by(graph, kern))
+        sum(graph.tensors[s].nbytes for s in staged_outputs(graph, kern))
     if made:
         what += (f", its new outputs ({made:,} bytes) among them, which this runtime makes in fast memory "
                  "(direct_outputs, --direct-outputs: plan as if written straight into the slow tier)")

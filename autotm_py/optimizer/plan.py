@@ -266,6 +266,11 @@ def stages_outputs(kernel: Kernel) -> bool:
     return direct_out_variant(kernel) is None
 
 
+def staged_outputs(graph: Graph, kernel: Kernel) -> tuple[int, ...]:
+    """The storages `kernel` makes in fast memory whatever their tier (stages_outputs)."""
+    return graph.made_by(kernel) if stages_outputs(kernel) else ()
+
+
 def staged_bytes_per_kernel(graph: Graph, tensors: Iterable[TensorPlan]) -> np.ndarray:
     """Bytes of the outputs each kernel sends to the slow tier through fast memory
     (stages_outputs): they hold fast memory while it runs (CPU; on CUDA every output is made
@@ -273,7 +278,7 @@ def staged_bytes_per_kernel(graph: Graph, tensors: Iterable[TensorPlan]) -> np.n
     out = np.zeros(len(graph.kernels), dtype=np.int64)
     for tp in tensors:
         t = graph.tensors[tp.storage]
-        if t.producer is not None and tp.tier_at(t.producer) == SLOW and stages_outputs(graph.kernels[t.producer]):
+        if t.producer is not None and tp.tier_at(t.producer) == SLOW and tp.storage in staged_outputs(graph, graph.kernels[t.producer]):
             out[t.producer] += t.nbytes
     return out
 

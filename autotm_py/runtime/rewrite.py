@@ -104,8 +104,7 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
     direct: dict[int, tuple] = {}
     if plan.device != "cuda":
         for k in kernels:
-            made_slow = [s for s in k.output_storages if s in planned and graph.tensors[s].producer == k.index
-                         and tplans[s].tier_at(k.index) == SLOW]
+            made_slow = [s for s in graph.made_by(k) if s in planned and tplans[s].tier_at(k.index) == SLOW]
             found = direct_out_variant(k) if made_slow else None
             if found is not None:
                 direct[k.index] = (found, set(made_slow))
@@ -153,7 +152,7 @@ def insert_moves(gm: fx.GraphModule, graph: Graph, plan: Plan, mover: torch.nn.M
             for s in k.output_storages:
                 if s in written:
                     versions[s] = {SLOW: out_buffers.pop(s)}
-                elif s in planned and graph.tensors[s].producer == k.index:
+                elif s in planned and s in graph.made_by(k):
                     versions[s] = {FAST: ORIGINAL}
                     if tplans[s].initial == SLOW:
                         copy_to(s, SLOW, False)
