@@ -53,6 +53,29 @@ def test_pack_by_hand_against_the_optimum() -> None:
     assert live_peak(sizes, starts, ends) == 6 and _optimum(sizes, starts, ends) == 6
 
 
+def test_pack_with_tries_finds_the_optimum_greedy_by_size_misses() -> None:
+    sizes, starts, ends = [4, 2, 2, 4], [0, 1, 2, 3], [2, 3, 4, 5]  # as above: greedy 8, optimum 6
+    off = pack(sizes, starts, ends, tries=50)
+    assert max(o + s for o, s in zip(off, sizes)) == 6 and not _conflicts(off, sizes, starts, ends)
+
+
+def test_pack_with_tries_is_valid_never_worse_than_greedy_and_optimal_on_random_blocks() -> None:
+    rng = np.random.default_rng(7)
+    improved = 0
+    for _ in range(40):
+        n = int(rng.integers(3, 7))
+        sizes = rng.integers(1, 6, n).tolist()
+        starts = rng.integers(0, 8, n).tolist()
+        ends = [s + int(rng.integers(1, 5)) for s in starts]
+        greedy = max(o + s for o, s in zip(pack(sizes, starts, ends), sizes))
+        off = pack(sizes, starts, ends, tries=100)
+        top = max(o + s for o, s in zip(off, sizes))
+        assert not _conflicts(off, sizes, starts, ends)
+        assert top <= greedy and top == _optimum(sizes, starts, ends)
+        improved += top < greedy
+    assert improved > 0
+
+
 def test_pack_is_valid_and_no_better_than_the_optimum_on_random_blocks() -> None:
     rng = np.random.default_rng(5)
     for _ in range(40):
