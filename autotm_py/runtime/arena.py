@@ -79,8 +79,9 @@ def pack(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int],
     same time overlap, and none overlaps an obstacle (offset, size, start, end) live with it.
     Greedy by size: the largest first, each at the lowest offset free over its whole life.
     With `tries`, as many more orders by size scaled by log-normal noise (seeded), keeping
-    the layout that reaches least far: on VGG19's recorded steps greedy by size spans 9-11%
-    more than the bytes live at the peak, the best of 300 orders 4-6%."""
+    the layout that reaches least far: on VGG19's recorded H100 steps greedy by size spans
+    9-11% more than the bytes live at the peak, the best of 180-300 orders 3.9-5.7%
+    (benchmarks/recorded_layouts.py)."""
     size = np.asarray(sizes, dtype=np.int64)
     t0, t1 = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
     fixed_top = max((off + nb for off, nb, _, _ in obstacles), default=0)
@@ -133,10 +134,10 @@ class Layout:
         return self.top / self.live_peak - 1 if self.live_peak else 0.0
 
 
-def layout_from_log(events: np.ndarray, live_at_start: np.ndarray) -> Layout:
+def layout_from_log(events: np.ndarray, live_at_start: np.ndarray, tries: int | None = None) -> Layout:
     """A layout for the step the arena logged (`events`: rows of kind, serial, index in the
     step, size, offset), around the blocks that were live when it began (which stay where they
-    are until the step frees them)."""
+    are until the step frees them). `tries`: pack's further orders (None: layout_tries)."""
     ev = np.asarray(events, dtype=np.int64).reshape(-1, 5)
     horizon = len(ev)
     freed = {int(s): t for t, s in enumerate(ev[:, 1]) if ev[t, 0] == EV_FREE}
@@ -151,7 +152,8 @@ def layout_from_log(events: np.ndarray, live_at_start: np.ndarray) -> Layout:
     starts = ok
     ends = np.array([freed.get(int(s), horizon) for s in ev[ok, 1]], dtype=np.int64)
     obstacles = [(int(b["off"]), int(b["size"]), 0, freed.get(int(b["serial"]), horizon)) for b in live_at_start]
-    offsets[ev[ok, 2]] = pack(ev[ok, 3], starts, ends, obstacles, tries=layout_tries(len(ok)))
+    offsets[ev[ok, 2]] = pack(ev[ok, 3], starts, ends, obstacles,
+                                 tries=layout_tries(len(ok)) if tries is None else tries)
     fixed_top = max((o + nb for o, nb, _, _ in obstacles), default=0)
     top = max([fixed_top] + [int(o + nb) for o, nb in zip(offsets[ev[ok, 2]], ev[ok, 3])])
     peak = live_peak(np.concatenate([[nb for _, nb, _, _ in obstacles], ev[ok, 3]]).astype(np.int64),
