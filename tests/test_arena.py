@@ -3,6 +3,7 @@ a CPU over a made-up address range (it never touches the memory it hands out).""
 
 import itertools
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -422,3 +423,24 @@ def test_layouts_are_retried_at_each_attempts_lowered_limits_and_reported_whole(
     seen.clear()
     row = arena_result("asynchronous", retry_layouts(scripted(["fixed", "fit"]), cap, max_retries=3))
     assert seen == [1000] and row.notes == "" and len(row.extra["attempts"]) == 1
+
+
+def test_a_recorded_h100_step_lays_out_without_overlap_and_within_the_cap_greedy_missed() -> None:
+    """The planned arena's recording of VGG19 256's second attempt under 14.85 GiB (H100):
+    greedy by size reaches over the cap; the search over orders lays the same blocks out
+    within it, nothing live at once overlapping, the blocks from before the step in place."""
+    rec = np.load(Path(__file__).parent.parent / "benchmarks" / "results" / "arena_recordings"
+                  / "vgg19_256_asynchronous_14457976761.npz")
+    ev, fixed, cap = rec["events"].reshape(-1, 5), rec["live_at_start"], int(rec["cap"])
+    greedy, searched = layout_from_log(ev, fixed, tries=0), layout_from_log(ev, fixed)
+    assert greedy.top > cap >= searched.top >= searched.live_peak == greedy.live_peak
+    freed = {int(s): t for t, s in enumerate(ev[:, 1]) if ev[t, 0] == EV_FREE}
+    ok = np.flatnonzero(ev[:, 0] == EV_ALLOC)
+    lo = np.concatenate([fixed["off"], searched.offsets[ev[ok, 2]]])
+    hi = lo + np.concatenate([fixed["size"], ev[ok, 3]])
+    t0 = np.concatenate([np.zeros(len(fixed), dtype=np.int64), ok])
+    t1 = np.array([freed.get(int(s), len(ev)) for s in np.concatenate([fixed["serial"], ev[ok, 1]])])
+    both = (t0[:, None] < t1[None, :]) & (t0[None, :] < t1[:, None])
+    apart = (hi[:, None] <= lo[None, :]) | (hi[None, :] <= lo[:, None])
+    np.fill_diagonal(both, False)
+    assert not (both & ~apart).any() and hi.max() == searched.top
