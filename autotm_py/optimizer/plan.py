@@ -278,7 +278,7 @@ def staged_bytes_per_kernel(graph: Graph, tensors: Iterable[TensorPlan]) -> np.n
     out = np.zeros(len(graph.kernels), dtype=np.int64)
     for tp in tensors:
         t = graph.tensors[tp.storage]
-        if t.producer is not None and tp.tier_at(t.producer) == SLOW and tp.storage in staged_outputs(graph, graph.kernels[t.producer]):
+        if t.producer is not None and tp.tier_at(t.producer) == SLOW and stages_outputs(graph.kernels[t.producer]):
             out[t.producer] += t.nbytes
     return out
 

@@ -58,8 +58,8 @@ def _pack_in_order(size: np.ndarray, t0: np.ndarray, t1: np.ndarray,
         off = 0
         if live.any():
             a, b = lo[:count][live], hi[:count][live]
-            order_ = np.argsort(a, kind="stable")
-            a, b = a[order_], b[order_]
+            by_offset = np.argsort(a, kind="stable")
+            a, b = a[by_offset], b[by_offset]
             reach = np.maximum.accumulate(b)
             before = np.concatenate(([0], reach[:-1]))
             fits = np.flatnonzero(a - before >= size[i])
@@ -95,8 +95,9 @@ def pack(sizes: Sequence[int], starts: Sequence[int], ends: Sequence[int],
     for k in range(tries if len(size) > 1 else 0):
         key = -size * np.exp(rng.normal(0.0, _NOISE[k % len(_NOISE)], len(size)))
         offsets = _pack_in_order(size, t0, t1, obstacles, np.lexsort((t0, key)))
-        if reach(offsets) < best_top:
-            best, best_top = offsets, reach(offsets)
+        top = reach(offsets)
+        if top < best_top:
+            best, best_top = offsets, top
     return best
 
 
@@ -152,8 +153,8 @@ def layout_from_log(events: np.ndarray, live_at_start: np.ndarray, tries: int | 
     starts = ok
     ends = np.array([freed.get(int(s), horizon) for s in ev[ok, 1]], dtype=np.int64)
     obstacles = [(int(b["off"]), int(b["size"]), 0, freed.get(int(b["serial"]), horizon)) for b in live_at_start]
-    offsets[ev[ok, 2]] = pack(ev[ok, 3], starts, ends, obstacles,
-                                 tries=layout_tries(len(ok)) if tries is None else tries)
+    tries = layout_tries(len(ok)) if tries is None else tries
+    offsets[ev[ok, 2]] = pack(ev[ok, 3], starts, ends, obstacles, tries=tries)
     fixed_top = max((o + nb for o, nb, _, _ in obstacles), default=0)
     top = max([fixed_top] + [int(o + nb) for o, nb in zip(offsets[ev[ok, 2]], ev[ok, 3])])
     peak = live_peak(np.concatenate([[nb for _, nb, _, _ in obstacles], ev[ok, 3]]).astype(np.int64),
